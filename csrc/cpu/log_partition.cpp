@@ -1,0 +1,129 @@
+// C++ CPU kernels of the log-partition estimate: an online (max, sum) logsumexp per chunk of a
+// row, chunks combined per row, so one huge row still uses every core.
+#include "log_partition.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/scalar.h"
+
+namespace ehm::cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 14;
+
+template <typename A>
+struct Partial {
+  A m = -std::numeric_limits<A>::infinity();
+  A s = 0;  // sum of exp(x - m); for jensen, the plain sum
+};
+
+// Adds x to the running (max, sum); -inf adds nothing, NaN poisons the sum.
+template <typename A>
+inline void online_add(Partial<A>& acc, A x) {
+  if (x == -std::numeric_limits<A>::infinity()) return;
+  if (x > acc.m) {
+    acc.s = acc.s * std::exp(acc.m - x) + A(1);
+    acc.m = x;
+  } else {
+    acc.s += std::exp(x - acc.m);
+  }
+}
+
+template <typename A>
+inline Partial<A> combine(Partial<A> a, Partial<A> b) {
+  if (b.m > a.m) std::swap(a, b);  // a has the larger max (or a NaN-free one)
+  if (b.m == -std::numeric_limits<A>::infinity()) {  // b saw no finite value: its sum is 0 or NaN
+    if (std::isnan(b.s)) a.s = b.s;
+    return a;
+  }
+  a.s += b.s * std::exp(b.m - a.m);
+  return a;
+}
+
+template <typename T>
+void fwd(const T* s, const T* p, int64_t R, int64_t M, bool jensen, T* out, acc_t<T>* lse) {
+  using A = acc_t<T>;
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  std::vector<Partial<A>> parts(static_cast<size_t>(R * chunks));
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < R * chunks; ++task) {
+    const int64_t r = task / chunks, c = task % chunks;
+    const int64_t begin = r * M + c * kChunk, end = r * M + std::min(M, (c + 1) * kChunk);
+    Partial<A> acc;
+    if (jensen) {
+      A sum = 0;
+      for (int64_t i = begin; i < end; ++i) sum += static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0));
+      acc.s = sum;
+    } else {
+      for (int64_t i = begin; i < end; ++i) online_add(acc, static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0)));
+    }
+    parts[task] = acc;
+  }
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    A value;
+    if (jensen) {
+      A sum = 0;
+      for (int64_t c = 0; c < chunks; ++c) sum += parts[r * chunks + c].s;
+      value = sum / static_cast<A>(M);
+      lse[r] = value;
+    } else {
+      Partial<A> acc = parts[r * chunks];
+      for (int64_t c = 1; c < chunks; ++c) acc = combine(acc, parts[r * chunks + c]);
+      const A l = acc.m + std::log(acc.s);  // all -inf: -inf + log(0) = -inf
+      lse[r] = l;
+      value = l - std::log(static_cast<A>(M));
+    }
+    out[r] = static_cast<T>(value);
+  }
+}
+
+template <typename T>
+void bwd(const acc_t<T>* grad, const T* s, const T* p, const acc_t<T>* lse, int64_t R, int64_t M, bool jensen, T* gs,
+         T* gp) {
+  using A = acc_t<T>;
+  const A inv_m = A(1) / static_cast<A>(M);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    const A g = grad[r], l = lse[r];
+    const bool empty = !jensen && l == -std::numeric_limits<A>::infinity();
+    for (int64_t i = r * M; i < (r + 1) * M; ++i) {
+      A w;
+      if (jensen) {
+        w = inv_m;
+      } else if (empty) {
+        w = 0;
+      } else {
+        w = std::exp(static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0)) - l);
+      }
+      const A d = g * w;
+      if (gs) gs[i] = static_cast<T>(d);
+      if (gp) gp[i] = static_cast<T>(-d);
+    }
+  }
+}
+
+}  // namespace
+
+void log_partition_fwd(DType dtype, const void* s, const void* p, int64_t R, int64_t M, bool jensen, void* out,
+                       void* lse) {
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    fwd<T>(static_cast<const T*>(s), static_cast<const T*>(p), R, M, jensen, static_cast<T*>(out),
+           static_cast<acc_t<T>*>(lse));
+  });
+}
+
+void log_partition_bwd(DType dtype, const void* grad, const void* s, const void* p, const void* lse, int64_t R,
+                       int64_t M, bool jensen, void* gs, void* gp) {
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    bwd<T>(static_cast<const acc_t<T>*>(grad), static_cast<const T*>(s), static_cast<const T*>(p),
+           static_cast<const acc_t<T>*>(lse), R, M, jensen, static_cast<T*>(gs), static_cast<T*>(gp));
+  });
+}
+
+}  // namespace ehm::cpu

@@ -1,0 +1,9 @@
+"""Triton kernels of ehm_fast, installed as `ehm_fast.kernels`.
+
+Each module holds one op family; the functions exported here have the names and signatures of
+ehm_fast._C's, so `ehm_fast._backend.kernels_for("triton")` can stand in for the extension.
+"""
+
+from .log_partition import log_partition_bwd, log_partition_fwd
+
+__all__ = ["log_partition_fwd", "log_partition_bwd"]
