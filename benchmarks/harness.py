@@ -1,0 +1,95 @@
+"""What every kernel benchmark shares: the Case record, timing, copy bandwidth, result files.
+
+A case module (benchmarks/cases_<family>.py) exposes `cases(device, quick) -> list[Case]`;
+benchmarks/bench_kernels.py times every implementation of every case.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Case:
+    family: str  # op family, e.g. "log_partition"
+    name: str  # the size, e.g. "M=256 3x64x64 fused"
+    # bytes that must move: each input read once, each output written once
+    bytes_fwd: int
+    bytes_fwdbwd: int
+    # label -> run(backward: bool). Labels: "ehm:<backend>", "eager", "compile", or any baseline.
+    impls: dict[str, Callable[[bool], None]] = field(default_factory=dict)
+    # "loss": forward / backward / forward+backward are timed; "step": one call is timed (optimizers)
+    kind: str = "loss"
+
+
+def median_time_us(fn: Callable[[], None], device: torch.device, warmup: int = 3, reps: int = 20) -> float:
+    """Median wall time of fn in microseconds (CUDA events on a GPU, perf_counter on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        try:
+            import triton.testing
+
+            return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        except ImportError:
+            pass
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(1e3 * start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e6 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
+    n = nbytes // 4 if device.type == "cuda" else (nbytes // 16) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    us = median_time_us(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / (us * 1e-6) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()}"
+
+
+def write_results(stem: str, device: torch.device, rows: list[dict], table: str) -> tuple[Path, Path]:
+    """Writes benchmarks/results/<stem>_<device>_<date>.{json,md} and returns both paths."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = device_name(device)
+    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+    date = time.strftime("%Y-%m-%d")
+    base = RESULTS / f"{stem}_{slug}_{date}"
+    meta = {"device": name, "date": date, "torch": torch.__version__, "rows": rows}
+    base.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    base.with_suffix(".md").write_text(f"# {stem} on {name}, {date} (torch {torch.__version__})\n\n{table}\n")
+    return base.with_suffix(".json"), base.with_suffix(".md")
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
