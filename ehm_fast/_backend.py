@@ -105,6 +105,7 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing
 def resolve(backend: str | None, device: torch.device) -> str:
     """The concrete backend ("cuda", "triton", "cpu" or "torch") that runs on `device`."""
     name = _check_name(backend) if backend is not None else get_backend()

@@ -90,7 +90,7 @@ def log_partition(
     impl = resolve(backend, scores.device)
     if impl == "torch":
         return reference.log_partition(scores, log_proposal, estimator)
-    dtype = scores.dtype if log_proposal is None else torch.result_type(scores, log_proposal)
+    dtype = scores.dtype if log_proposal is None else torch.promote_types(scores.dtype, log_proposal.dtype)
     lead, m = scores.shape[:-1], scores.shape[-1]
     s = scores.to(dtype).reshape(-1, m).contiguous()
     p = None if log_proposal is None else log_proposal.to(dtype).expand(scores.shape).reshape(-1, m).contiguous()
