@@ -93,3 +93,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def rotating_inputs(make: Callable[[], tuple], bytes_per_set: int, l2_bytes: int = 64 << 20) -> "itertools.cycle":
+    """Enough independent input sets to cycle through 2x the L2 cache, so timings read from HBM."""
+    import itertools
+
+    count = max(1, min(8, -(-2 * l2_bytes // max(bytes_per_set, 1))))
+    return itertools.cycle([make() for _ in range(count)])

@@ -1,14 +1,18 @@
 """Test setup: the Triton interpreter for CPU tensors, and the backends each device can run.
 
-TRITON_INTERPRET must be set before triton is first imported, hence here at the top.
+Without a GPU, Triton kernels run on CPU tensors under the interpreter; TRITON_INTERPRET must be
+set before triton is first imported, hence here at the top. With a GPU it stays unset, so the
+Triton tests compile real GPU kernels (the interpreter would also capture CUDA tensors).
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from ehm_fast import _backend  # noqa: E402
 

@@ -1,0 +1,116 @@
+"""Kernel microbenchmarks: every case of every op family, every implementation.
+
+    python benchmarks/bench_kernels.py            # full sizes (meant for a GPU)
+    python benchmarks/bench_kernels.py --quick    # tiny sizes, seconds on a CPU
+    python benchmarks/bench_kernels.py --family log_partition
+
+For each case: forward, backward (forward+backward minus forward) and forward+backward medians
+in microseconds, GB/s of the bytes that must move (each input read once, each output written
+once), the fraction of the device-to-device copy bandwidth measured in the same run, and the
+speedup against eager PyTorch and torch.compile of the reference. Writes JSON and markdown to
+benchmarks/results/kernels_<device>_<date>.{json,md} and prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import (  # noqa: E402
+    Case,
+    copy_bandwidth_gbs,
+    device_name,
+    markdown_table,
+    median_time_us,
+    write_results,
+)
+
+
+def discover(families: list[str] | None) -> list:
+    here = Path(__file__).resolve().parent
+    names = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("cases_"))
+    if families:
+        names = [n for n in names if n.removeprefix("cases_") in families]
+    return [importlib.import_module(f"benchmarks.{n}") for n in names]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(case: Case, device: torch.device, copy_gbs: float) -> list[dict]:
+    rows = []
+    for label, run in case.impls.items():
+        row = {"family": case.family, "case": case.name, "impl": label}
+        try:
+            if case.kind == "step":
+                row["step_us"] = median_time_us(lambda: run(False), device)
+                total_us, nbytes = row["step_us"], case.bytes_fwd
+            else:
+                row["fwd_us"] = median_time_us(lambda: run(False), device)
+                row["fwdbwd_us"] = median_time_us(lambda: run(True), device)
+                row["bwd_us"] = max(row["fwdbwd_us"] - row["fwd_us"], 0.0)
+                total_us, nbytes = row["fwdbwd_us"], case.bytes_fwdbwd
+            _sync(device)
+            row["gbs"] = nbytes / (total_us * 1e-6) / 1e9
+            row["copy_frac"] = row["gbs"] / copy_gbs
+            row["total_us"] = total_us
+        except Exception as exc:  # an implementation that cannot run here is reported, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        rows.append(row)
+    for ref in ("eager", "compile", "foreach", "for-loop"):
+        base = next((r for r in rows if r["impl"] == ref and "total_us" in r), None)
+        if base:
+            for r in rows:
+                if "total_us" in r:
+                    r[f"x_vs_{ref}"] = base["total_us"] / r["total_us"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    header = ["family", "case", "impl", "fwd us", "bwd us", "fwd+bwd / step us", "GB/s", "% copy",
+              "x eager", "x compile", "x foreach"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["family"], r["case"], r["impl"], "n/a", "", "", "", "", "", "", r["error"][:60]])
+            continue
+        fmt = lambda k, f="{:.1f}": f.format(r[k]) if k in r else ""  # noqa: E731
+        body.append([r["family"], r["case"], r["impl"], fmt("fwd_us"), fmt("bwd_us"), fmt("total_us"), fmt("gbs"),
+                     fmt("copy_frac", "{:.0%}"), fmt("x_vs_eager", "{:.2f}"), fmt("x_vs_compile", "{:.2f}"),
+                     fmt("x_vs_foreach", "{:.2f}")])
+    return markdown_table(header, body)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    parser.add_argument("--family", action="append", help="only these op families (repeatable)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"{device_name(device)}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
+    rows: list[dict] = []
+    for module in discover(args.family):
+        for case in module.cases(device, args.quick):
+            print(f"  {case.family}: {case.name}", flush=True)
+            rows.extend(measure(case, device, copy_gbs))
+    text = table(rows)
+    if not args.no_save:
+        paths = write_results("kernels", device, [{"copy_gbs": copy_gbs}] + rows, text)
+        print(f"wrote {paths[0]} and {paths[1]}")
+    print(f"\n{device_name(device)}, copy bandwidth {copy_gbs:.0f} GB/s\n{text}")
+
+
+if __name__ == "__main__":
+    main()
