@@ -1,0 +1,171 @@
+"""End-to-end EHM iteration benchmark: one critic step with gradient penalty + one wake/sleep
+generator step, DCGAN 64x64 (width 64, nz 100), Adam, synthetic batches already on the device.
+
+Rows:
+  1. plain     : plain PyTorch as a user writes it (eager, fp32, fused Adam, cudnn.benchmark)
+  2. plain+    : the same with bf16 autocast + channels_last + whole-iteration CUDA graph
+  3. ehm_fast  : ehm_fast's training step with its defaults
+  4. ehm_fast -<feature>: each speed feature turned off in turn
+  plus variants: weight clipping instead of the penalty, and the SVRG / STORM optimizers.
+Reports images/s, ms per iteration, peak memory and model FLOP utilisation (FLOPs counted once
+with torch.utils.flop_counter, divided by the bf16 matmul peak measured in the same run).
+
+    python benchmarks/bench_train.py                  # batches 64, 256, 1024 (GPU)
+    python benchmarks/bench_train.py --quick          # tiny CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import device_name, markdown_table, write_results  # noqa: E402
+from benchmarks.plain_ehm import PlainEHM, capture_cuda_graph  # noqa: E402
+
+
+def matmul_peak_tflops(device: torch.device) -> float:
+    """bf16 dense matmul throughput measured now (the matrix-unit ceiling for MFU)."""
+    n = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _time(lambda: a @ b, device, iters=20 if device.type == "cuda" else 3)
+    return 2 * n**3 / seconds / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Seconds per call (mean over iters after warmup)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def count_flops(step: Callable[[torch.Tensor], object], x: torch.Tensor) -> int:
+    """FLOPs of one call, from torch.utils.flop_counter's per-op formulas. (FlopCounterMode itself
+    cannot run a step whose gradient penalty calls autograd.grad: its module tracker breaks.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Counter.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with Counter():
+        step(x)
+    return Counter.total
+
+
+def plain_runner(device, batch, width, *, fast: bool, gp: bool = True):
+    torch.backends.cudnn.benchmark = True
+    model = PlainEHM(device, width=width, amp=fast, channels_last=fast, gp_lambda=10.0 if gp else 0.0)
+    x = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
+    if fast:
+        x = x.contiguous(memory_format=torch.channels_last)
+    step = model.step
+    if fast and device.type == "cuda":
+        replay, _ = capture_cuda_graph(model.step, x)
+        return replay, x, model.step
+    return step, x, model.step
+
+
+def ehm_runner(device, batch, width, **overrides):
+    """ehm_fast's trainer step; overrides turn single speed features off."""
+    from ehm_fast.ehm import EHM  # noqa: F401  (the trainer; see ehm_fast/ehm.py)
+
+    raise NotImplementedError
+
+
+def measure(name: str, make: Callable[[], tuple], device: torch.device, batch: int, iters: int,
+            peak_tflops: float) -> dict:
+    row = {"row": name, "batch": batch}
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        run, x, eager_step = make()
+        seconds = _time(lambda: run(x), device, iters)
+        row.update(ms=1e3 * seconds, images_s=batch / seconds)
+        if device.type == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        flops = count_flops(eager_step, x)
+        row["tflop_per_iter"] = flops / 1e12
+        row["mfu"] = flops / seconds / 1e12 / peak_tflops
+    except NotImplementedError:
+        row["error"] = "not implemented yet"
+    except Exception as exc:  # report and go on: one failing row must not hide the others
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+    print(f"  {name:28s} batch {batch:5d}: " + (row.get("error") or f"{row['images_s']:.0f} img/s"), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    header = ["row", "batch", "images/s", "ms/iter", "peak GiB", "MFU", "x plain+"]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["row"], str(r["batch"]), "n/a", "", "", "", r["error"][:50]])
+            continue
+        body.append([r["row"], str(r["batch"]), f"{r['images_s']:.0f}", f"{r['ms']:.2f}",
+                     f"{r.get('peak_gib', 0):.2f}", f"{r['mfu']:.1%}", f"{r.get('x_plus', 0):.2f}"])
+    return markdown_table(header, body)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, action="append", help="batch sizes (default 64, 256, 1024)")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="width 8, batch 4, 2 iterations (CPU smoke run)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-save", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    width = 8 if args.quick else 64
+    batches = args.batch or ([4] if args.quick else [64, 256, 1024])
+    iters = 2 if args.quick else args.iters
+    peak = matmul_peak_tflops(device)
+    print(f"{device_name(device)}: matmul peak {peak:.2f} TFLOP/s (measured)", flush=True)
+    rows = []
+    for batch in batches:
+        group = [
+            measure("1 plain", lambda: plain_runner(device, batch, width, fast=False), device, batch, iters, peak),
+            measure("2 plain+bf16+cl+graph", lambda: plain_runner(device, batch, width, fast=True), device, batch,
+                    iters, peak),
+            measure("3 ehm_fast", lambda: ehm_runner(device, batch, width), device, batch, iters, peak),
+        ]
+        base = group[1].get("images_s")
+        for r in group:
+            if base and "images_s" in r:
+                r["x_plus"] = r["images_s"] / base
+        rows += group
+    text = table(rows)
+    if not args.no_save:
+        paths = write_results("train", device, [{"matmul_peak_tflops": peak}] + rows, text)
+        print(f"wrote {paths[0]} and {paths[1]}")
+    print(f"\n{device_name(device)}, matmul peak {peak:.2f} TFLOP/s\n{text}")
+
+
+if __name__ == "__main__":
+    main()
