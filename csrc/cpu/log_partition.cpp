@@ -13,6 +13,7 @@ namespace ehm::cpu {
 namespace {
 
 constexpr int64_t kChunk = 1 << 14;
+constexpr int64_t kTile = 256;
 
 template <typename A>
 struct Partial {
@@ -20,16 +21,25 @@ struct Partial {
   A s = 0;  // sum of exp(x - m); for jensen, the plain sum
 };
 
-// Adds x to the running (max, sum); -inf adds nothing, NaN poisons the sum.
-template <typename A>
-inline void online_add(Partial<A>& acc, A x) {
-  if (x == -std::numeric_limits<A>::infinity()) return;
-  if (x > acc.m) {
-    acc.s = acc.s * std::exp(acc.m - x) + A(1);
-    acc.m = x;
-  } else {
-    acc.s += std::exp(x - acc.m);
+// Adds a tile of x = s - p to the running (max, sum): a max pass, one rescale, then a sum of
+// exponentials that vectorises. -inf adds nothing, NaN poisons the sum.
+template <typename T, typename A>
+inline void add_tile(Partial<A>& acc, const T* s, const T* p, int64_t n) {
+  A x[kTile];
+  A top = acc.m;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0));
+    top = x[i] > top ? x[i] : top;
   }
+  if (top == -std::numeric_limits<A>::infinity()) {  // nothing finite yet: only NaN can matter
+    for (int64_t i = 0; i < n; ++i)
+      if (std::isnan(x[i])) acc.s = x[i];
+    return;
+  }
+  A sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += vexp(x[i] - top);
+  acc.s = acc.s * vexp(acc.m - top) + sum;  // acc.m = -inf: 0 * 0
+  acc.m = top;
 }
 
 template <typename A>
@@ -58,7 +68,7 @@ void fwd(const T* s, const T* p, int64_t R, int64_t M, bool jensen, T* out, acc_
       for (int64_t i = begin; i < end; ++i) sum += static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0));
       acc.s = sum;
     } else {
-      for (int64_t i = begin; i < end; ++i) online_add(acc, static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0)));
+      for (int64_t t = begin; t < end; t += kTile) add_tile(acc, s + t, p ? p + t : nullptr, std::min(kTile, end - t));
     }
     parts[task] = acc;
   }
@@ -86,22 +96,25 @@ void bwd(const acc_t<T>* grad, const T* s, const T* p, const acc_t<T>* lse, int6
          T* gp) {
   using A = acc_t<T>;
   const A inv_m = A(1) / static_cast<A>(M);
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t task = 0; task < R * chunks; ++task) {
+    const int64_t r = task / chunks;
     const A g = grad[r], l = lse[r];
-    const bool empty = !jensen && l == -std::numeric_limits<A>::infinity();
-    for (int64_t i = r * M; i < (r + 1) * M; ++i) {
-      A w;
-      if (jensen) {
-        w = inv_m;
-      } else if (empty) {
-        w = 0;
+    const bool empty = !jensen && l == -std::numeric_limits<A>::infinity();  // all -inf: zero weights
+    const int64_t begin = r * M + (task % chunks) * kChunk, end = std::min(r * M + M, begin + kChunk);
+    A d[kTile];
+    for (int64_t t = begin; t < end; t += kTile) {
+      const int64_t n = std::min(kTile, end - t);
+      if (jensen || empty) {
+        for (int64_t i = 0; i < n; ++i) d[i] = jensen ? g * inv_m : A(0);
       } else {
-        w = std::exp(static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0)) - l);
+        for (int64_t i = 0; i < n; ++i) d[i] = g * vexp(static_cast<A>(s[t + i]) - (p ? static_cast<A>(p[t + i]) : A(0)) - l);
       }
-      const A d = g * w;
-      if (gs) gs[i] = static_cast<T>(d);
-      if (gp) gp[i] = static_cast<T>(-d);
+      if (gs)
+        for (int64_t i = 0; i < n; ++i) gs[t + i] = static_cast<T>(d[i]);
+      if (gp)
+        for (int64_t i = 0; i < n; ++i) gp[t + i] = static_cast<T>(-d[i]);
     }
   }
 }
