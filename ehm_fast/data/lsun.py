@@ -2,12 +2,13 @@
 
 Unlike torchvision's LSUN class, the keys are listed by a cursor walk into a numpy array (no
 pickle cache in the working directory), and each process opens its own read-only environment on
-first use, so worker processes never inherit an environment opened before they forked.
+first use, so worker processes never use an environment opened before they forked.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,23 +31,37 @@ def find_lmdbs(path: str | os.PathLike) -> list[Path]:
     return found
 
 
-def _open(path: Path):
+_ENVS: dict[str, object] = {}  # this process's read-only environments, by resolved path
+_ENVS_PID: int | None = None
+_ENVS_LOCK = threading.Lock()
+
+
+def environment(path: Path):
+    """This process's read-only environment of `path` (resolved), opened on first use. lmdb allows one
+    open per path and process, so every reader of a path shares it; a forked child closes the
+    copies it inherited (read-only, lock=False: nothing shared changes) and opens its own."""
+    global _ENVS_PID
     import lmdb
 
-    try:
-        return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
-    except lmdb.Error as err:
-        raise ValueError(f"cannot open LMDB {path}: {err}") from err
+    with _ENVS_LOCK:
+        if _ENVS_PID != os.getpid():
+            for env in _ENVS.values():
+                env.close()
+            _ENVS.clear()
+            _ENVS_PID = os.getpid()
+        key = str(path)
+        if key not in _ENVS:
+            try:
+                _ENVS[key] = lmdb.open(key, readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+            except lmdb.Error as err:
+                raise ValueError(f"cannot open LMDB {path}: {err}") from err
+        return _ENVS[key]
 
 
 def list_keys(path: Path) -> np.ndarray:
-    """Every key of one LMDB, in key order, as a fixed-width bytes array."""
-    env = _open(path)
-    try:
-        with env.begin(buffers=False) as txn:
-            keys = list(txn.cursor().iternext(keys=True, values=False))
-    finally:
-        env.close()
+    """Every key of one LMDB, in key order (a cursor walk), as a fixed-width bytes array."""
+    with environment(path).begin(buffers=False) as txn:
+        keys = list(txn.cursor().iternext(keys=True, values=False))
     width = max((len(k) for k in keys), default=1)
     return np.array(keys, dtype=f"S{width}")
 
@@ -56,11 +71,9 @@ class LMDBSource:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.dbs = find_lmdbs(path)
+        self.dbs = [db.resolve() for db in find_lmdbs(path)]
         self.keys = [list_keys(db) for db in self.dbs]
         self.offsets = np.cumsum([0] + [len(k) for k in self.keys])
-        self._pid: int | None = None
-        self._envs: list = []
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -72,15 +85,9 @@ class LMDBSource:
         db = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return db, bytes(self.keys[db][i - self.offsets[db]])
 
-    def _env(self, db: int):
-        if self._pid != os.getpid():  # first use in this process (or a forked child)
-            self._envs = [_open(p) for p in self.dbs]
-            self._pid = os.getpid()
-        return self._envs[db]
-
     def read(self, i: int) -> bytes:
         db, key = self._locate(i)
-        with self._env(db).begin() as txn:
+        with environment(self.dbs[db]).begin() as txn:
             value = txn.get(key)
         if value is None:
             raise ValueError(f"key {key.decode(errors='replace')} vanished from {self.dbs[db]}")
@@ -89,9 +96,6 @@ class LMDBSource:
     def name(self, i: int) -> str:
         db, key = self._locate(i)
         return f"{self.dbs[db].name}/{key.decode(errors='replace')}"
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pid": None, "_envs": []}
 
 
 class LSUN(DecodedImages):
