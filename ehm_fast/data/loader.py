@@ -198,12 +198,13 @@ def open_images_for_training(spec: str, image_size: int, channels: int = 3) -> I
                 f"rerun ehm-prepare with --size {image_size}"
             )
         return shards
+    images = open_images(spec, image_size)  # a bad path fails here, before the warning
     warnings.warn(
         f"--data {spec} decodes every image with Pillow in the training loop (about 1,000 images/s per thread); "
         f"run `ehm-prepare --source {spec} --out DIR --size {image_size}` once and train with --data shards:DIR",
         stacklevel=3,
     )
-    return open_images(spec, image_size)
+    return images
 
 
 def open_data(
