@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -97,7 +98,9 @@ def distances(real: torch.Tensor, fake: torch.Tensor, *, kid_subset_size: int = 
     fid.update(real, real=True)
     fid.update(fake, real=False)
     subset = min(kid_subset_size, len(real), len(fake))
-    kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=subset)
+    with warnings.catch_warnings():  # its warning about buffering all features: that is the intent
+        warnings.filterwarnings("ignore", message=".*will save all extracted features")
+        kid = KernelInceptionDistance(feature=_Precomputed(dim), subsets=kid_subsets, subset_size=subset)
     kid.update(real, real=True)
     kid.update(fake, real=False)
     kid_mean, kid_std = kid.compute()
@@ -123,15 +126,17 @@ def compute_fid(
     weights_path: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
 ) -> dict:
     """FID and KID between two sets of image batches (uint8 [0, 255] or float [-1, 1], [B, C, H, W]).
 
     `feature`: an Inception layer width (64, 192, 768, 2048; weights from `weights_path`) or any
-    nn.Module mapping uint8 [B, 3, H, W] to [B, D]. Returns {fid, kid_mean, kid_std, num_real, num_fake}."""
+    nn.Module mapping uint8 [B, 3, H, W] to [B, D]. KID averages `kid_subsets` subsets of
+    `kid_subset_size` images. Returns {fid, kid_mean, kid_std, num_real, num_fake}."""
     extractor = _extractor(feature, weights_path, device)
     real = extract_features(extractor, real_batches, device)
     fake = extract_features(extractor, fake_batches, device)
-    return distances(real, fake, kid_subset_size=kid_subset_size)
+    return distances(real, fake, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
 
 
 def feature_tag(feature: int | nn.Module) -> str:
@@ -198,10 +203,11 @@ class FidEvaluator:
         device: torch.device | str = "cpu",
         batch_size: int = 250,
         kid_subset_size: int = 1000,
+        kid_subsets: int = 100,
     ) -> None:
         self.device = device
         self.batch_size = batch_size
-        self.kid_subset_size = kid_subset_size
+        self.kid = {"kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets}
         self.extractor = _extractor(feature, weights_path, device)
         self.real = real_features(spec, image_size, num_images, self.extractor, feature_tag(feature), device=device, batch_size=batch_size)
         self.num_fake = len(self.real)
@@ -210,7 +216,7 @@ class FidEvaluator:
     def __call__(self, sample: Callable[[int], torch.Tensor]) -> dict:
         sizes = [min(self.batch_size, self.num_fake - a) for a in range(0, self.num_fake, self.batch_size)]
         fake = extract_features(self.extractor, (sample(k) for k in sizes), self.device)
-        return distances(self.real, fake, kid_subset_size=self.kid_subset_size)
+        return distances(self.real, fake, **self.kid)
 
 
 def _load_sampler(checkpoint: str, device: torch.device) -> Callable[[int], torch.Tensor]:
