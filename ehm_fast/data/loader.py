@@ -6,8 +6,9 @@ every w-th entry of it (so ranks see disjoint images, the same number each), in 
 only, so the stream is reproducible and `load_state_dict` resumes it at the exact batch.
 
 Threads gather uint8 images into a ring of host buffers (pinned when the device is CUDA; numpy's
-copies release the GIL), the main thread copies a buffer to the device with non_blocking=True and
-there flips it horizontally at random and maps [0, 255] -> [-1, 1] in the compute dtype.
+copies release the GIL); the main thread copies a buffer to the GPU with non_blocking=True and
+there flips images horizontally at random and maps [0, 255] -> [-1, 1] in the compute dtype. On
+the CPU the worker threads do those last steps too (torch releases the GIL), off the main thread.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class BatchLoader:
         self._sched = (0, 0)  # position of the next batch scheduled
         self._inflight: collections.deque[Future] = collections.deque()
         self.prefetch = max(1, prefetch)
-        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._on_cuda = self.device.type == "cuda"
+        pin = self._on_cuda and torch.cuda.is_available()
         shape = (batch_size, images.channels, images.image_size, images.image_size)
         self._free: queue.Queue = queue.Queue()
         for _ in range(self.prefetch + 1):  # one more than can be in flight: a worker never waits forever
@@ -95,12 +97,28 @@ class BatchLoader:
         return idx, flips & self.flip
 
     # -- the pipeline ---------------------------------------------------------------------------
-    def _fill(self, idx: np.ndarray, flips: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def _fill(self, idx: np.ndarray, flips: np.ndarray):
+        """Runs in a worker thread: gathers a batch; on the CPU also finishes it there."""
         buf, copied = self._free.get()
         if copied is not None:
             copied.synchronize()  # the previous device copy out of this buffer has finished
         self.images.gather(idx, buf.numpy())
-        return buf, flips
+        return (buf, flips) if self._on_cuda else self._finish(buf, flips)
+
+    def _finish(self, buf: torch.Tensor, flips: np.ndarray) -> torch.Tensor:
+        """Host buffer -> device, random horizontal flips, uint8 -> [-1, 1] in the compute dtype."""
+        x = buf.to(self.device, non_blocking=True)  # on the CPU this is buf itself
+        if self._on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self._free.put((buf, event))
+        if flips.any():
+            rows = torch.from_numpy(np.flatnonzero(flips)).to(self.device, non_blocking=True)
+            x.index_copy_(0, rows, x.index_select(0, rows).flip(3))
+        x = x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0).to(self.dtype)
+        if not self._on_cuda:
+            self._free.put((buf, None))  # x no longer shares memory with buf
+        return x
 
     def _schedule(self) -> None:
         while len(self._inflight) < self.prefetch:
@@ -110,25 +128,17 @@ class BatchLoader:
 
     def _drain(self) -> None:
         while self._inflight:
-            buf, _ = self._inflight.popleft().result()
-            self._free.put((buf, None))
+            result = self._inflight.popleft().result()
+            if self._on_cuda:
+                self._free.put((result[0], None))
 
     def __iter__(self) -> BatchLoader:
         return self
 
     def __next__(self) -> torch.Tensor:
         self._schedule()
-        buf, flips = self._inflight.popleft().result()
-        x = buf.to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self._free.put((buf, event))
-        mask = torch.from_numpy(flips).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
-        x = torch.where(mask, x.flip(3), x)
-        x = x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0).to(self.dtype)
-        if self.device.type != "cuda":
-            self._free.put((buf, None))  # x no longer shares memory with buf
+        result = self._inflight.popleft().result()
+        x = self._finish(*result) if self._on_cuda else result
         self.epoch, self.batch = (self.epoch + 1, 0) if self.batch + 1 == self.batches_per_epoch else (self.epoch, self.batch + 1)
         self._schedule()
         return x
