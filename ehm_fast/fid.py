@@ -220,11 +220,18 @@ class FidEvaluator:
 
 
 def _load_sampler(checkpoint: str, device: torch.device) -> Callable[[int], torch.Tensor]:
+    """sample(n) -> n generated images in [-1, 1], from the trainer's checkpoint loader."""
     try:
         from .train import load_generator
     except ImportError as err:
         raise ImportError(f"ehm-fid needs ehm_fast.train.load_generator, which this installation lacks ({err})") from err
-    return load_generator(checkpoint, device)
+    decoder, cfg = load_generator(checkpoint, device)
+    if getattr(cfg, "prior", "normal") == "normal":
+        return lambda n: decoder(torch.randn(n, decoder.z_dim, device=device))
+    from .train import load_models  # a learned prior (VampPrior) samples its own latents
+
+    models = load_models(checkpoint, device)[0]
+    return lambda n: decoder(models.sample_prior(n, device))
 
 
 def _parser() -> argparse.ArgumentParser:

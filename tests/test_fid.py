@@ -109,7 +109,9 @@ def test_cli_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.delenv("EHM_FID_WEIGHTS", raising=False)
     fake_train = types.ModuleType("ehm_fast.train")
-    fake_train.load_generator = lambda path, device: (lambda n: torch.zeros(n, 3, 8, 8))
+    decoder = nn.Sequential(nn.Linear(4, 3 * 8 * 8), nn.Tanh(), nn.Unflatten(1, (3, 8, 8)))
+    decoder.z_dim = 4
+    fake_train.load_generator = lambda path, device: (decoder, types.SimpleNamespace(prior="normal"))
     monkeypatch.setitem(sys.modules, "ehm_fast.train", fake_train)
     assert fid.main(["--checkpoint", "c.pt", "--data", "digits", "--num-images", "20"]) == 2
     err = capsys.readouterr().err

@@ -83,6 +83,18 @@ class BatchLoader:
             self._free.put((torch.empty(shape, dtype=torch.uint8, pin_memory=pin), None))
         self._pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1), thread_name_prefix="ehm-data")
 
+    @property
+    def channels(self) -> int:
+        return self.images.channels
+
+    @property
+    def image_size(self) -> int:
+        return self.images.image_size
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
     # -- the plan -------------------------------------------------------------------------------
     def _rank_indices(self, epoch: int) -> np.ndarray:
         if epoch != self._plan_epoch:
