@@ -58,6 +58,16 @@ class TorchvisionStyleLSUN(torch.utils.data.Dataset):
         return x.sub_(0.5).div_(0.5)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("nan")
 
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = (
         f"{n} synthetic WebP images, shorter side 256, mean {mean_kb:.1f} KiB, prepared at {args.size}x{args.size}; "
-        f"{cores} cores, load average {load:.1f} at the end; device: {name}"
+        f"{cores} cores ({cpu_model()}), load average {load:.1f} at the end; device: {name}"
     )
     print("\n" + header + "\n" + table)
     if args.write:
