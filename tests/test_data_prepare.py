@@ -130,3 +130,26 @@ def test_cli(lsun_db, tmp_path, capsys):
     assert "--source must be one of" in capsys.readouterr().err
     assert main(["--source", "webdataset:/x", "--out", str(tmp_path / "p")]) == 2
     assert "unknown data spec" in capsys.readouterr().err
+
+
+def test_zip_and_folder_sources(tmp_path):
+    import zipfile
+
+    from ehm_fast.data.synthetic import encode, photo_like
+
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    with zipfile.ZipFile(tmp_path / "imgs.zip", "w") as zf:
+        for i in range(7):
+            data = encode(photo_like(rng, 40 + 3 * i, 30), "WEBP" if i % 2 else "PNG")
+            (folder / f"{i:02d}.png").write_bytes(data)
+            zf.writestr(f"{i:02d}.png", data)
+    a = prepare(f"zip:{tmp_path / 'imgs.zip'}", tmp_path / "za", SIZE, workers=2, shard_size=3, progress=False)
+    b = prepare(f"folder:{folder}", tmp_path / "fb", SIZE, workers=1, shard_size=3, progress=False)
+    assert a["num_images"] == b["num_images"] == 7 and a["skipped"] == 0
+    assert shard_bytes(tmp_path / "za") == shard_bytes(tmp_path / "fb")
+    from ehm_fast.data import ZipImages
+
+    ds = ZipImages(tmp_path / "imgs.zip", SIZE)
+    np.testing.assert_array_equal(np.stack([Shards(tmp_path / "za")[i] for i in range(7)]), np.stack([ds[i].numpy() for i in range(7)]))
