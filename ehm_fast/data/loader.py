@@ -122,7 +122,7 @@ class BatchLoader:
         x = buf.to(self.device, non_blocking=True)  # on the CPU this is buf itself
         if self._on_cuda:
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             self._free.put((buf, event))
         if flips.any():
             rows = torch.from_numpy(np.flatnonzero(flips)).to(self.device, non_blocking=True)
