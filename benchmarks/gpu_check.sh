@@ -4,6 +4,9 @@
 # an H100/H200. Logs and result files go to $OUT (the device tool brings that folder back) and to
 # benchmarks/results/.
 #   run: bash benchmarks/gpu_check.sh            (from the repository root)
+# The GPU machine has no lmdb and no network: first, here,
+#   pip download lmdb --python-version 3.12 --only-binary=:all: --no-deps -d .gpu_wheels
+# and name .gpu_wheels in the device tool's `carry`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/ehm_gpu_check}
@@ -12,6 +15,8 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} TORCH_CU
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 start=$(date +%s)
+python -c "import lmdb" 2>/dev/null || python -m pip install -q --no-index --find-links .gpu_wheels lmdb \
+  || echo "lmdb is missing: the LSUN tests will fail"
 
 echo "== build"
 if ! python -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
