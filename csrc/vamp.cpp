@@ -80,7 +80,7 @@ std::vector<at::Tensor> vamp_bwd(const at::Tensor& grad, const at::Tensor& z, co
     const c10::cuda::CUDAGuard guard(z.device());
     TORCH_CHECK(D <= cuda::vamp_max_code_size(dtype_of(z)), "ehm_fast: code size D = ", D,
                 " is too large for the CUDA VampPrior kernels");
-    const int64_t chunks = cuda::vamp_batch_chunks(B, K);
+    const int64_t rows = cuda::vamp_rows_per_chunk(B, K), chunks = (B + rows - 1) / rows;
     auto pmu = need_mu ? at::empty({chunks, K, D}, z.options().dtype(acc)) : z.new_empty({0});
     auto plv = need_logvar ? at::empty({chunks, K, D}, z.options().dtype(acc)) : z.new_empty({0});
     cuda::vamp_bwd(dtype_of(z), g.data_ptr(), z.data_ptr(), mu_k.data_ptr(), logvar_k.data_ptr(), lse.data_ptr(), B, K,

@@ -18,9 +18,9 @@ void vamp_bwd(DType dtype, const void* grad, const void* z, const void* mu, cons
 namespace cuda {
 // The largest code size D whose per-block buffers fit the current device's shared memory.
 int64_t vamp_max_code_size(DType dtype);
-// The batch is cut into vamp_batch_chunks(B, K) chunks for the mu/lv gradients; chunk j writes its
-// sums to gmu_partial / glv_partial [j, K, D] (accumulation type), the entry adds the chunks.
-int64_t vamp_batch_chunks(int64_t B, int64_t K);
+// The batch is cut into chunks of vamp_rows_per_chunk(B, K) codes for the mu/lv gradients; chunk j
+// writes its sums to gmu_partial / glv_partial [j, K, D] (accumulation type), the entry adds them.
+int64_t vamp_rows_per_chunk(int64_t B, int64_t K);
 void vamp_fwd(DType dtype, const void* z, const void* mu, const void* lv, const void* base, int64_t B, int64_t K,
               int64_t D, void* out, void* lse, void* stream);
 void vamp_bwd(DType dtype, const void* grad, const void* z, const void* mu, const void* lv, const void* lse, int64_t B,
