@@ -313,3 +313,21 @@ class TestBadInput:
             L.std_normal_nll(torch.randn(5))
         with pytest.raises(ValueError, match="give both mu2 and logvar2"):
             L.kl_normal(torch.randn(2, 3), torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_custom_ops_pass_opcheck(backend_device):
+    """Schema, fake (torch.compile) and autograd registrations of every op agree with the kernels."""
+    backend, device = backend_device
+    f64 = dict(dtype=torch.float64, device=device, requires_grad=True)
+    x, mean, codes = torch.randn(3, 20, **f64), torch.randn(3, 20, **f64), torch.randn(3, 20, **f64)
+    scale = torch.randn(20, **f64)
+    z, mu_k, logvar_k = torch.randn(3, 5, **f64), torch.randn(4, 5, **f64), torch.randn(4, 5, **f64)
+    base = torch.randn(3, **f64)
+    ops = torch.ops.ehm_fast
+    torch.library.opcheck(ops.image_nll.default, (x, mean, scale, 0, backend))
+    torch.library.opcheck(ops.image_nll.default, (x.detach().sigmoid(), mean, None, 2, backend))
+    torch.library.opcheck(ops.code_nll.default, (x, mean, codes, None, base, 0, backend))
+    torch.library.opcheck(ops.code_nll.default, (x, mean, codes, mean, None, 3, backend))
+    torch.library.opcheck(ops.vamp_prior.default, (z, mu_k, logvar_k, base, backend))
+    torch.library.opcheck(ops.wake.default, (x, mean, scale, 1, z, mu_k, logvar_k, backend))
+    torch.library.opcheck(ops.wake.default, (x, mean, scale, 0, z, None, None, backend))
