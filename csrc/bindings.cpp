@@ -19,4 +19,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("log_partition_fwd", &ehm::log_partition_fwd, py::arg("scores"), py::arg("log_proposal"), py::arg("jensen"));
   m.def("log_partition_bwd", &ehm::log_partition_bwd, py::arg("grad"), py::arg("scores"), py::arg("log_proposal"),
         py::arg("lse"), py::arg("jensen"), py::arg("need_scores"), py::arg("need_proposal"));
+
+  m.def("image_nll_fwd", &ehm::image_nll_fwd, py::arg("x"), py::arg("mean"), py::arg("log_scale"), py::arg("kind"));
+  m.def("image_nll_bwd", &ehm::image_nll_bwd, py::arg("grad"), py::arg("x"), py::arg("mean"), py::arg("log_scale"),
+        py::arg("kind"), py::arg("need_x"), py::arg("need_mean"), py::arg("need_scale"));
+  m.def("code_nll_fwd", &ehm::code_nll_fwd, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("e"), py::arg("base"),
+        py::arg("kind"));
+  m.def("code_nll_bwd", &ehm::code_nll_bwd, py::arg("grad"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("e"),
+        py::arg("kind"), py::arg("need_a"), py::arg("need_b"), py::arg("need_c"), py::arg("need_e"));
+  m.def("vamp_fwd", &ehm::vamp_fwd, py::arg("z"), py::arg("mu_k"), py::arg("logvar_k"), py::arg("base"));
+  m.def("vamp_bwd", &ehm::vamp_bwd, py::arg("grad"), py::arg("z"), py::arg("mu_k"), py::arg("logvar_k"),
+        py::arg("lse"), py::arg("need_z"), py::arg("need_mu"), py::arg("need_logvar"));
 }

@@ -4,6 +4,17 @@ Each module holds one op family; the functions exported here have the names and 
 ehm_fast._C's, so `ehm_fast._backend.kernels_for("triton")` can stand in for the extension.
 """
 
+from .likelihood import code_nll_bwd, code_nll_fwd, image_nll_bwd, image_nll_fwd
 from .log_partition import log_partition_bwd, log_partition_fwd
+from .vamp import vamp_bwd, vamp_fwd
 
-__all__ = ["log_partition_fwd", "log_partition_bwd"]
+__all__ = [
+    "log_partition_fwd",
+    "log_partition_bwd",
+    "image_nll_fwd",
+    "image_nll_bwd",
+    "code_nll_fwd",
+    "code_nll_bwd",
+    "vamp_fwd",
+    "vamp_bwd",
+]
