@@ -5,5 +5,6 @@ ehm_fast._C's, so `ehm_fast._backend.kernels_for("triton")` can stand in for the
 """
 
 from .log_partition import log_partition_bwd, log_partition_fwd
+from .optim import cv_adam_, cv_sgd_, optim_chunk_size
 
-__all__ = ["log_partition_fwd", "log_partition_bwd"]
+__all__ = ["log_partition_fwd", "log_partition_bwd", "cv_adam_", "cv_sgd_", "optim_chunk_size"]

@@ -55,6 +55,18 @@ def _sqrt(x, F64: tl.constexpr):
 
 
 @triton.jit
+def _to_param(x, P_TY: tl.constexpr, BF16: tl.constexpr):
+    """Rounds to the parameter dtype; bf16 by integer round-to-nearest-even (as c10 does), since the
+    interpreter's float-to-bf16 cast truncates."""
+    if BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), out)
+    return x.to(P_TY)
+
+
+@triton.jit
 def _div(a, b, F64: tl.constexpr):
     if F64:
         return a / b
@@ -72,7 +84,7 @@ def _direction(G, GR, AN, idx, mask, alpha, HAS_CV: tl.constexpr, ACC: tl.conste
 
 
 @triton.jit
-def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
+def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr, BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
                     HAS_DIR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
     t, begin, end = _locate(SIZES, WORK_T, WORK_S, CHUNK)
     p_ptr = _ptr(TABLE, 0, t, n, P_TY)
@@ -110,11 +122,11 @@ def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexp
         tl.store(v_ptr + idx, v, mask=mask)
         denom = _div(_sqrt(v, F64), bc2, F64) + eps
         param = param + _div(neg_step * m, denom, F64)
-        tl.store(p_ptr + idx, param.to(P_TY), mask=mask)
+        tl.store(p_ptr + idx, _to_param(param, P_TY, BF16), mask=mask)
 
 
 @triton.jit
-def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
+def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr, BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
                    HAS_DIR: tl.constexpr, HAS_BUF: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                    HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
     t, begin, end = _locate(SIZES, WORK_T, WORK_S, CHUNK)
@@ -148,7 +160,7 @@ def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr
                 d = d + mom * b
             else:
                 d = b
-        tl.store(p_ptr + idx, (param + neg_lr * d).to(P_TY), mask=mask)
+        tl.store(p_ptr + idx, _to_param(param + neg_lr * d, P_TY, BF16), mask=mask)
 
 
 def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], **constexprs) -> None:
@@ -172,6 +184,7 @@ def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], **con
     scal, ptrs, sizes_d, work_t_d, work_s_d = table.split([len(scalars), LISTS * n, n, len(work_t), len(work_s)])
     f64 = params[0].dtype == torch.float64
     kernel[(len(work_t),)](ptrs, scal, sizes_d, work_t_d, work_s_d, n, CHUNK=CHUNK, F64=f64,
+                           BF16=params[0].dtype == torch.bfloat16,
                            P_TY=_TL_TYPES[params[0].dtype], ACC=tl.float64 if f64 else tl.float32, BLOCK=BLOCK,
                            **constexprs)
 
