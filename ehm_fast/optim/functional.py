@@ -122,7 +122,6 @@ def _pick(items: Optional[TensorList], idx: list[int]) -> list[Tensor]:
     return [] if items is None else [items[i] for i in idx]
 
 
-@torch.no_grad()
 def cv_adam_(params: TensorList, grads: TensorList, ref_grads: Optional[TensorList], anchors: Optional[TensorList],
              exp_avgs: TensorList, exp_avg_sqs: TensorList, *, alpha: float, step: int, lr: float, beta1: float,
              beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
@@ -132,25 +131,11 @@ def cv_adam_(params: TensorList, grads: TensorList, ref_grads: Optional[TensorLi
     `step` is the step number after this update (1 on the first call), as torch.optim.Adam counts.
     out_directions (optional, may alias anchors) receives v.
     """
-    lists = {"params": params, "grads": grads, "ref_grads": ref_grads, "anchors": anchors, "exp_avgs": exp_avgs,
-             "exp_avg_sqs": exp_avg_sqs, "out_directions": out_directions}
-    params = _check_lists(lists)
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-        _check_scalar(name, value)
-    _check_scalar("beta1", beta1, 0.0, 1.0)
-    _check_scalar("beta2", beta2, 0.0, 1.0)
-    _check_scalar("alpha", alpha, float("-inf"))
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise ValueError(f"step must be an int >= 1 (the step count after this update), got {step!r}")
-    for name, idx in _buckets(params, backend, lists):
-        _impl(name).cv_adam_(
-            _pick(params, idx), _pick(grads, idx), _pick(ref_grads, idx), _pick(anchors, idx),
-            _pick(exp_avgs, idx), _pick(exp_avg_sqs, idx), _pick(out_directions, idx),
-            float(alpha), step, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-            bool(decoupled))
+    plan_adam(params, grads, ref_grads, anchors, exp_avgs, exp_avg_sqs, alpha=alpha, step=step, lr=lr, beta1=beta1,
+              beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, out_directions=out_directions,
+              backend=backend)()
 
 
-@torch.no_grad()
 def cv_sgd_(params: TensorList, grads: TensorList, ref_grads: Optional[TensorList], anchors: Optional[TensorList],
             momentum_buffers: Optional[list], *, alpha: float, lr: float, momentum: float = 0.0,
             dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
@@ -161,6 +146,51 @@ def cv_sgd_(params: TensorList, grads: TensorList, ref_grads: Optional[TensorLis
     initialised to the direction, as torch.optim.SGD does on its first step; the list is updated
     in place. out_directions (optional, may alias anchors) receives v.
     """
+    plan_sgd(params, grads, ref_grads, anchors, momentum_buffers, alpha=alpha, lr=lr, momentum=momentum,
+             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, out_directions=out_directions,
+             backend=backend)()
+
+
+def _run_all(launches: list[Callable[[], None]]) -> Callable[[], None]:
+    @torch.no_grad()
+    def run() -> None:
+        for launch in launches:
+            launch()
+
+    return run
+
+
+def plan_adam(params: TensorList, grads: TensorList, ref_grads: Optional[TensorList], anchors: Optional[TensorList],
+              exp_avgs: TensorList, exp_avg_sqs: TensorList, *, alpha: float, step: int, lr: float, beta1: float,
+              beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
+              out_directions: Optional[TensorList] = None, backend: Optional[str] = None) -> Callable[[], None]:
+    """Checks every argument of cv_adam_ and returns the update, not yet run (so an optimizer can
+    check all its groups before touching any tensor)."""
+    lists = {"params": params, "grads": grads, "ref_grads": ref_grads, "anchors": anchors, "exp_avgs": exp_avgs,
+             "exp_avg_sqs": exp_avg_sqs, "out_directions": out_directions}
+    params = _check_lists(lists)
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        _check_scalar(name, value)
+    _check_scalar("beta1", beta1, 0.0, 1.0)
+    _check_scalar("beta2", beta2, 0.0, 1.0)
+    _check_scalar("alpha", alpha, float("-inf"))
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the step count after this update), got {step!r}")
+    scalars = (float(alpha), step, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+               bool(decoupled))
+    launches = []
+    for name, idx in _buckets(params, backend, lists):
+        tensors = [_pick(lists[k], idx) for k in lists]
+        launches.append(lambda fn=_impl(name).cv_adam_, tensors=tensors: fn(*tensors, *scalars))
+    return _run_all(launches)
+
+
+def plan_sgd(params: TensorList, grads: TensorList, ref_grads: Optional[TensorList], anchors: Optional[TensorList],
+             momentum_buffers: Optional[list], *, alpha: float, lr: float, momentum: float = 0.0,
+             dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+             out_directions: Optional[TensorList] = None, backend: Optional[str] = None) -> Callable[[], None]:
+    """Checks every argument of cv_sgd_ and returns the update, not yet run. New momentum buffers
+    are put in `momentum_buffers` here (uninitialised until the update runs)."""
     for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
                         ("weight_decay", weight_decay)):
         _check_scalar(name, value)
@@ -179,9 +209,9 @@ def cv_sgd_(params: TensorList, grads: TensorList, ref_grads: Optional[TensorLis
         for i, p in enumerate(params):
             if new[i]:
                 momentum_buffers[i] = torch.empty_like(p, dtype=state_dtype(p.dtype))
+    scalars = (float(alpha), float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov))
+    launches = []
     for name, idx in plan:
-        _impl(name).cv_sgd_(
-            _pick(params, idx), _pick(grads, idx), _pick(ref_grads, idx), _pick(anchors, idx),
-            _pick(momentum_buffers if has_buf else None, idx), _pick(out_directions, idx),
-            float(alpha), float(lr), float(momentum), float(dampening), float(weight_decay), bool(nesterov),
-            new[idx[0]])
+        tensors = [_pick(lists[k], idx) for k in lists]
+        launches.append(lambda fn=_impl(name).cv_sgd_, tensors=tensors, first=new[idx[0]]: fn(*tensors, *scalars, first))
+    return _run_all(launches)
