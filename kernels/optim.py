@@ -38,13 +38,16 @@ def _scalar(TABLE, k, ACC: tl.constexpr):
 
 
 @triton.jit
-def _locate(SIZES, WORK_T, WORK_S, CHUNK: tl.constexpr):
-    """(tensor, begin, end) of this program's chunk."""
+def _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr):
+    """This program's chunk [begin, end) and the 7 typed pointers of its tensor (param, grad,
+    ref_grad, anchor, state1, state2, direction)."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(WORK_T + pid)
     begin = tl.load(WORK_S + pid)
     end = tl.minimum(tl.load(SIZES + t), begin + CHUNK)
-    return t, begin, end
+    return (begin, end, _ptr(TABLE, 0, t, n, P_TY), _ptr(TABLE, 1, t, n, P_TY), _ptr(TABLE, 2, t, n, P_TY),
+            _ptr(TABLE, 3, t, n, ACC), _ptr(TABLE, 4, t, n, ACC), _ptr(TABLE, 5, t, n, ACC),
+            _ptr(TABLE, 6, t, n, ACC))
 
 
 @triton.jit
@@ -84,16 +87,11 @@ def _direction(G, GR, AN, idx, mask, alpha, HAS_CV: tl.constexpr, ACC: tl.conste
 
 
 @triton.jit
-def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr, BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
+def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr,
+                    BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
                     HAS_DIR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
-    t, begin, end = _locate(SIZES, WORK_T, WORK_S, CHUNK)
-    p_ptr = _ptr(TABLE, 0, t, n, P_TY)
-    g_ptr = _ptr(TABLE, 1, t, n, P_TY)
-    gr_ptr = _ptr(TABLE, 2, t, n, P_TY)
-    an_ptr = _ptr(TABLE, 3, t, n, ACC)
-    m_ptr = _ptr(TABLE, 4, t, n, ACC)
-    v_ptr = _ptr(TABLE, 5, t, n, ACC)
-    d_ptr = _ptr(TABLE, 6, t, n, ACC)
+    begin, end, p_ptr, g_ptr, gr_ptr, an_ptr, m_ptr, v_ptr, d_ptr = _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK,
+                                                                            P_TY, ACC)
     alpha = _scalar(SCALARS, 0, ACC)
     w1 = _scalar(SCALARS, 1, ACC)  # 1 - beta1
     beta2 = _scalar(SCALARS, 2, ACC)
@@ -126,16 +124,12 @@ def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexp
 
 
 @triton.jit
-def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr, BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
+def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr,
+                   BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
                    HAS_DIR: tl.constexpr, HAS_BUF: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                    HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
-    t, begin, end = _locate(SIZES, WORK_T, WORK_S, CHUNK)
-    p_ptr = _ptr(TABLE, 0, t, n, P_TY)
-    g_ptr = _ptr(TABLE, 1, t, n, P_TY)
-    gr_ptr = _ptr(TABLE, 2, t, n, P_TY)
-    an_ptr = _ptr(TABLE, 3, t, n, ACC)
-    b_ptr = _ptr(TABLE, 4, t, n, ACC)
-    d_ptr = _ptr(TABLE, 6, t, n, ACC)
+    begin, end, p_ptr, g_ptr, gr_ptr, an_ptr, b_ptr, _, d_ptr = _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK,
+                                                                        P_TY, ACC)
     alpha = _scalar(SCALARS, 0, ACC)
     neg_lr = _scalar(SCALARS, 1, ACC)
     mom = _scalar(SCALARS, 2, ACC)
