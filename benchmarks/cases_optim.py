@@ -25,7 +25,8 @@ def dcgan_shapes(width: int = 64, latent: int = 100, channels: int = 3) -> list[
     """Weights and biases/BatchNorm affine parameters of a 64x64 DCGAN decoder, encoder and critic."""
     w = [width * 8, width * 4, width * 2, width]
     decoder = [(latent, w[0], 4, 4), (w[0], w[1], 4, 4), (w[1], w[2], 4, 4), (w[2], w[3], 4, 4), (w[3], channels, 4, 4)]
-    encoder = [(w[3], channels, 4, 4), (w[2], w[3], 4, 4), (w[1], w[2], 4, 4), (w[0], w[1], 4, 4), (2 * latent, w[0], 4, 4)]
+    encoder = [(w[3], channels, 4, 4), (w[2], w[3], 4, 4), (w[1], w[2], 4, 4), (w[0], w[1], 4, 4),
+               (2 * latent, w[0], 4, 4)]
     critic = [(w[3], channels, 4, 4), (w[2], w[3], 4, 4), (w[1], w[2], 4, 4), (w[0], w[1], 4, 4), (1, w[0], 4, 4)]
     shapes = []
     for net in (decoder, encoder, critic):

@@ -90,7 +90,8 @@ Gathered gather(const std::vector<at::Tensor>& params, const std::vector<at::Ten
 
   Gathered g;
   const std::vector<at::Tensor>* lists[7] = {&params, &grads, &ref_grads, &anchors, &state1, &state2, &directions};
-  const bool used[7] = {true, true, !ref_grads.empty(), !anchors.empty(), need_state1, need_state2, !directions.empty()};
+  const bool used[7] = {true,        true,        !ref_grads.empty(), !anchors.empty(),
+                        need_state1, need_state2, !directions.empty()};
   for (size_t i = 0; i < params.size(); ++i) {
     g.sizes.push_back(params[i].numel());
     for (int k = 0; k < 7; ++k)

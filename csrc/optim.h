@@ -30,6 +30,19 @@ struct TensorLists {
   void* const* direction = nullptr;  // null: v is not written out
 };
 
+// Typed element pointers of one tensor's lists (null where a list is absent); T is the parameter
+// dtype, A the state type.
+template <typename T, typename A>
+struct TensorViews {
+  T* p;
+  const T* g;
+  const T* gr;
+  const A* an;
+  A* s1;
+  A* s2;
+  A* dir;
+};
+
 struct AdamScalars {
   double alpha, lr, beta1, beta2, eps, weight_decay;
   double step_size;               // lr / (1 - beta1^step)

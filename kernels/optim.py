@@ -77,13 +77,21 @@ def _div(a, b, F64: tl.constexpr):
 
 
 @triton.jit
-def _direction(G, GR, AN, idx, mask, alpha, HAS_CV: tl.constexpr, ACC: tl.constexpr):
-    g = tl.load(G + idx, mask=mask, other=0.0).to(ACC)
+def _load_block(P, G, GR, AN, D, off, end, alpha, HAS_CV: tl.constexpr, HAS_DIR: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """(idx, mask, param, v) of one block; v = (g - alpha g_ref) + alpha anchor (exactly g without a
+    control variate, exactly the anchor when g == g_ref and alpha == 1), stored to D if HAS_DIR."""
+    idx = off + tl.arange(0, BLOCK)
+    mask = idx < end
+    param = tl.load(P + idx, mask=mask, other=0.0).to(ACC)
+    d = tl.load(G + idx, mask=mask, other=0.0).to(ACC)
     if HAS_CV:
         gr = tl.load(GR + idx, mask=mask, other=0.0).to(ACC)
         an = tl.load(AN + idx, mask=mask, other=0.0).to(ACC)
-        g = (g - alpha * gr) + alpha * an
-    return g
+        d = (d - alpha * gr) + alpha * an
+    if HAS_DIR:
+        tl.store(D + idx, d, mask=mask)
+    return idx, mask, param, d
 
 
 @triton.jit
@@ -102,12 +110,8 @@ def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexp
     neg_step = _scalar(SCALARS, 7, ACC)  # -lr / (1 - beta1^step)
     bc2 = _scalar(SCALARS, 8, ACC)  # sqrt(1 - beta2^step)
     for off in range(begin, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        mask = idx < end
-        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(ACC)
-        d = _direction(g_ptr, gr_ptr, an_ptr, idx, mask, alpha, HAS_CV, ACC)
-        if HAS_DIR:
-            tl.store(d_ptr + idx, d, mask=mask)
+        idx, mask, param, d = _load_block(p_ptr, g_ptr, gr_ptr, an_ptr, d_ptr, off, end, alpha, HAS_CV, HAS_DIR, ACC,
+                                          BLOCK)
         if HAS_WD:
             if DECOUPLED:
                 param = param * decay
@@ -136,12 +140,8 @@ def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr
     keep = _scalar(SCALARS, 3, ACC)  # 1 - dampening
     wd = _scalar(SCALARS, 4, ACC)
     for off in range(begin, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        mask = idx < end
-        param = tl.load(p_ptr + idx, mask=mask, other=0.0).to(ACC)
-        d = _direction(g_ptr, gr_ptr, an_ptr, idx, mask, alpha, HAS_CV, ACC)
-        if HAS_DIR:
-            tl.store(d_ptr + idx, d, mask=mask)
+        idx, mask, param, d = _load_block(p_ptr, g_ptr, gr_ptr, an_ptr, d_ptr, off, end, alpha, HAS_CV, HAS_DIR, ACC,
+                                          BLOCK)
         if HAS_WD:
             d = d + wd * param
         if HAS_BUF:

@@ -12,17 +12,8 @@
 namespace ehm::cpu {
 namespace {
 
-// Typed views of tensor t's lists (null where a list is absent).
 template <typename T>
-struct Views {
-  T* p;
-  const T* g;
-  const T* gr;
-  const acc_t<T>* an;
-  acc_t<T>* s1;
-  acc_t<T>* s2;
-  acc_t<T>* dir;
-};
+using Views = TensorViews<T, acc_t<T>>;
 
 template <typename T>
 Views<T> views(const TensorLists& l, int64_t t) {

@@ -33,15 +33,8 @@ struct Flags {
 };
 
 template <typename T>
-struct Chunk {
+struct Chunk : TensorViews<T, acc_t<T>> {
   int64_t begin, end;
-  T* p;
-  const T* g;
-  const T* gr;
-  const acc_t<T>* an;
-  acc_t<T>* s1;
-  acc_t<T>* s2;
-  acc_t<T>* dir;
 };
 
 template <typename T>
@@ -50,10 +43,17 @@ __device__ __forceinline__ Chunk<T> chunk_of(const Table& tab) {
   const int t = tab.tensor[blockIdx.x];
   const int64_t begin = int64_t(tab.chunk[blockIdx.x]) * kOptimChunk;
   const int64_t end = min(tab.size[t], begin + kOptimChunk);
-  return {begin, end, static_cast<T*>(tab.ptr[kParam][t]), static_cast<const T*>(tab.ptr[kGrad][t]),
-          static_cast<const T*>(tab.ptr[kRef][t]), static_cast<const A*>(tab.ptr[kAnchor][t]),
-          static_cast<A*>(tab.ptr[kState1][t]), static_cast<A*>(tab.ptr[kState2][t]),
-          static_cast<A*>(tab.ptr[kDir][t])};
+  Chunk<T> c;
+  c.p = static_cast<T*>(tab.ptr[kParam][t]);
+  c.g = static_cast<const T*>(tab.ptr[kGrad][t]);
+  c.gr = static_cast<const T*>(tab.ptr[kRef][t]);
+  c.an = static_cast<const A*>(tab.ptr[kAnchor][t]);
+  c.s1 = static_cast<A*>(tab.ptr[kState1][t]);
+  c.s2 = static_cast<A*>(tab.ptr[kState2][t]);
+  c.dir = static_cast<A*>(tab.ptr[kDir][t]);
+  c.begin = begin;
+  c.end = end;
+  return c;
 }
 
 template <typename T, typename A>
@@ -148,7 +148,9 @@ void cv_adam(DType dtype, const TensorLists& lists, const AdamScalars& s, void* 
   const Flags f{lists.ref_grad != nullptr, lists.direction != nullptr, true, s.decoupled, false, false};
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    for_each_table(lists, [&](const Table& tab, int blocks) { adam_kernel<T><<<blocks, kThreads, 0, st>>>(tab, s, f); });
+    for_each_table(lists, [&](const Table& tab, int blocks) {
+      adam_kernel<T><<<blocks, kThreads, 0, st>>>(tab, s, f);
+    });
   });
 }
 
@@ -158,7 +160,9 @@ void cv_sgd(DType dtype, const TensorLists& lists, const SgdScalars& s, void* st
                 s.first};
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    for_each_table(lists, [&](const Table& tab, int blocks) { sgd_kernel<T><<<blocks, kThreads, 0, st>>>(tab, s, f); });
+    for_each_table(lists, [&](const Table& tab, int blocks) {
+      sgd_kernel<T><<<blocks, kThreads, 0, st>>>(tab, s, f);
+    });
   });
 }
 

@@ -124,7 +124,7 @@ class ControlVariateOptimizer(Optimizer):
             if "exp_avg" not in self.state[p]:
                 kind = F.state_dtype(p.dtype)
                 fresh[id(p)] = (torch.zeros_like(p, dtype=kind), torch.zeros_like(p, dtype=kind))
-        moments = [fresh[id(p)] if id(p) in fresh else (self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]) for p in ps]
+        moments = [fresh.get(id(p)) or (self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]) for p in ps]
         launches = []
         for step in sorted(set(steps)):  # one launch per distinct step count (usually one)
             idx = [i for i, s in enumerate(steps) if s == step]

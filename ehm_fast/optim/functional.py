@@ -213,5 +213,6 @@ def plan_sgd(params: TensorList, grads: TensorList, ref_grads: Optional[TensorLi
     launches = []
     for name, idx in plan:
         tensors = [_pick(lists[k], idx) for k in lists]
-        launches.append(lambda fn=_impl(name).cv_sgd_, tensors=tensors, first=new[idx[0]]: fn(*tensors, *scalars, first))
+        first = new[idx[0]]
+        launches.append(lambda fn=_impl(name).cv_sgd_, tensors=tensors, first=first: fn(*tensors, *scalars, first))
     return _run_all(launches)

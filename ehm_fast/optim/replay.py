@@ -25,7 +25,8 @@ class RNGState:
 
     def __init__(self, generators: Iterable[torch.Generator] = ()) -> None:
         self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self.cuda = torch.cuda.get_rng_state_all() if cuda_live else None
         self.extra = [(g, g.get_state()) for g in generators]
 
     def restore(self) -> None:
