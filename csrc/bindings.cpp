@@ -4,6 +4,7 @@
 #include <torch/version.h>
 
 #include "ops.h"
+#include "optim.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ehm_fast C++ CPU and CUDA kernels";
@@ -30,4 +31,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vamp_fwd", &ehm::vamp_fwd, py::arg("z"), py::arg("mu_k"), py::arg("logvar_k"), py::arg("base"));
   m.def("vamp_bwd", &ehm::vamp_bwd, py::arg("grad"), py::arg("z"), py::arg("mu_k"), py::arg("logvar_k"),
         py::arg("lse"), py::arg("need_z"), py::arg("need_mu"), py::arg("need_logvar"));
+  m.def("cv_adam_", &ehm::cv_adam_, py::arg("params"), py::arg("grads"), py::arg("ref_grads"), py::arg("anchors"),
+        py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("directions"), py::arg("alpha"), py::arg("step"),
+        py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"), py::call_guard<py::gil_scoped_release>());
+  m.def("cv_sgd_", &ehm::cv_sgd_, py::arg("params"), py::arg("grads"), py::arg("ref_grads"), py::arg("anchors"),
+        py::arg("momentum_buffers"), py::arg("directions"), py::arg("alpha"), py::arg("lr"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("first"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("optim_chunk_size", [] { return ehm::kOptimChunk; });
 }

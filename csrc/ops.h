@@ -34,4 +34,16 @@ std::vector<at::Tensor> vamp_bwd(const at::Tensor& grad, const at::Tensor& z, co
                                  const at::Tensor& logvar_k, const at::Tensor& lse, bool need_z, bool need_mu,
                                  bool need_logvar);
 
+// optim.cpp: in-place control-variate Adam/AdamW and SGD over one bucket (one device, one dtype).
+// An empty ref_grads/anchors pair means the plain gradient; empty directions: v is not written.
+void cv_adam_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+              const std::vector<at::Tensor>& ref_grads, const std::vector<at::Tensor>& anchors,
+              const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+              const std::vector<at::Tensor>& directions, double alpha, int64_t step, double lr, double beta1,
+              double beta2, double eps, double weight_decay, bool decoupled);
+void cv_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+             const std::vector<at::Tensor>& ref_grads, const std::vector<at::Tensor>& anchors,
+             const std::vector<at::Tensor>& momentum_buffers, const std::vector<at::Tensor>& directions, double alpha,
+             double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool first);
+
 }  // namespace ehm

@@ -6,6 +6,7 @@ ehm_fast._C's, so `ehm_fast._backend.kernels_for("triton")` can stand in for the
 
 from .likelihood import code_nll_bwd, code_nll_fwd, image_nll_bwd, image_nll_fwd
 from .log_partition import log_partition_bwd, log_partition_fwd
+from .optim import cv_adam_, cv_sgd_, optim_chunk_size
 from .vamp import vamp_bwd, vamp_fwd
 
 __all__ = [
@@ -17,4 +18,7 @@ __all__ = [
     "code_nll_bwd",
     "vamp_fwd",
     "vamp_bwd",
+    "cv_adam_",
+    "cv_sgd_",
+    "optim_chunk_size",
 ]

@@ -1,0 +1,234 @@
+"""Triton kernels of the control-variate optimizer updates (same signatures as ehm_fast._C's).
+
+One launch per bucket: the addresses of every tensor list travel in one int64 table on the
+device (cast with tl.pointer_type in the kernel), beside a work list of (tensor, chunk start)
+pairs, one program per chunk; the double-precision scalars ride in the same table as bit
+patterns, so one host-to-device copy sets up the whole step. Square roots and divisions are
+IEEE-rounded (sqrt_rn, div_rn) to stay at torch.optim's rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 1 << 16  # elements per program, as csrc/optim.h's kOptimChunk
+BLOCK = 1024
+LISTS = 7  # param, grad, ref_grad, anchor, state1, state2, direction
+
+_TL_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float64: tl.float64}
+
+
+def optim_chunk_size() -> int:
+    return CHUNK
+
+
+@triton.jit
+def _ptr(TABLE, k, t, n, TY: tl.constexpr):
+    return tl.load(TABLE + k * n + t).to(tl.pointer_type(TY))
+
+
+@triton.jit
+def _scalar(TABLE, k, ACC: tl.constexpr):
+    return tl.load(TABLE + k).to(tl.float64, bitcast=True).to(ACC)
+
+
+@triton.jit
+def _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr):
+    """This program's chunk [begin, end) and the 7 typed pointers of its tensor (param, grad,
+    ref_grad, anchor, state1, state2, direction)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(WORK_T + pid)
+    begin = tl.load(WORK_S + pid)
+    end = tl.minimum(tl.load(SIZES + t), begin + CHUNK)
+    return (begin, end, _ptr(TABLE, 0, t, n, P_TY), _ptr(TABLE, 1, t, n, P_TY), _ptr(TABLE, 2, t, n, P_TY),
+            _ptr(TABLE, 3, t, n, ACC), _ptr(TABLE, 4, t, n, ACC), _ptr(TABLE, 5, t, n, ACC),
+            _ptr(TABLE, 6, t, n, ACC))
+
+
+@triton.jit
+def _sqrt(x, F64: tl.constexpr):
+    if F64:
+        return tl.sqrt(x)  # IEEE-rounded for fp64
+    return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _to_param(x, P_TY: tl.constexpr, BF16: tl.constexpr):
+    """Rounds to the parameter dtype; bf16 by integer round-to-nearest-even (as c10 does), since the
+    interpreter's float-to-bf16 cast truncates."""
+    if BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), out)
+    return x.to(P_TY)
+
+
+@triton.jit
+def _div(a, b, F64: tl.constexpr):
+    if F64:
+        return a / b
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def _load_block(P, G, GR, AN, D, off, end, alpha, HAS_CV: tl.constexpr, HAS_DIR: tl.constexpr, ACC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """(idx, mask, param, v) of one block; v = (g - alpha g_ref) + alpha anchor (exactly g without a
+    control variate, exactly the anchor when g == g_ref and alpha == 1), stored to D if HAS_DIR."""
+    idx = off + tl.arange(0, BLOCK)
+    mask = idx < end
+    param = tl.load(P + idx, mask=mask, other=0.0).to(ACC)
+    d = tl.load(G + idx, mask=mask, other=0.0).to(ACC)
+    if HAS_CV:
+        gr = tl.load(GR + idx, mask=mask, other=0.0).to(ACC)
+        an = tl.load(AN + idx, mask=mask, other=0.0).to(ACC)
+        d = (d - alpha * gr) + alpha * an
+    if HAS_DIR:
+        tl.store(D + idx, d, mask=mask)
+    return idx, mask, param, d
+
+
+@triton.jit
+def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr,
+                    BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
+                    HAS_DIR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
+    begin, end, p_ptr, g_ptr, gr_ptr, an_ptr, m_ptr, v_ptr, d_ptr = _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK,
+                                                                            P_TY, ACC)
+    alpha = _scalar(SCALARS, 0, ACC)
+    w1 = _scalar(SCALARS, 1, ACC)  # 1 - beta1
+    beta2 = _scalar(SCALARS, 2, ACC)
+    w2 = _scalar(SCALARS, 3, ACC)  # 1 - beta2
+    eps = _scalar(SCALARS, 4, ACC)
+    wd = _scalar(SCALARS, 5, ACC)
+    decay = _scalar(SCALARS, 6, ACC)  # 1 - lr * weight_decay
+    neg_step = _scalar(SCALARS, 7, ACC)  # -lr / (1 - beta1^step)
+    bc2 = _scalar(SCALARS, 8, ACC)  # sqrt(1 - beta2^step)
+    for off in range(begin, end, BLOCK):
+        idx, mask, param, d = _load_block(p_ptr, g_ptr, gr_ptr, an_ptr, d_ptr, off, end, alpha, HAS_CV, HAS_DIR, ACC,
+                                          BLOCK)
+        if HAS_WD:
+            if DECOUPLED:
+                param = param * decay
+            else:
+                d = d + wd * param
+        m = tl.load(m_ptr + idx, mask=mask, other=0.0)
+        m = tl.where(w1 < 0.5, m + w1 * (d - m), d - (d - m) * (1.0 - w1))
+        v = tl.load(v_ptr + idx, mask=mask, other=0.0) * beta2 + w2 * d * d
+        tl.store(m_ptr + idx, m, mask=mask)
+        tl.store(v_ptr + idx, v, mask=mask)
+        denom = _div(_sqrt(v, F64), bc2, F64) + eps
+        param = param + _div(neg_step * m, denom, F64)
+        tl.store(p_ptr + idx, _to_param(param, P_TY, BF16), mask=mask)
+
+
+@triton.jit
+def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr,
+                   BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
+                   HAS_DIR: tl.constexpr, HAS_BUF: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
+                   HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
+    begin, end, p_ptr, g_ptr, gr_ptr, an_ptr, b_ptr, _, d_ptr = _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK,
+                                                                        P_TY, ACC)
+    alpha = _scalar(SCALARS, 0, ACC)
+    neg_lr = _scalar(SCALARS, 1, ACC)
+    mom = _scalar(SCALARS, 2, ACC)
+    keep = _scalar(SCALARS, 3, ACC)  # 1 - dampening
+    wd = _scalar(SCALARS, 4, ACC)
+    for off in range(begin, end, BLOCK):
+        idx, mask, param, d = _load_block(p_ptr, g_ptr, gr_ptr, an_ptr, d_ptr, off, end, alpha, HAS_CV, HAS_DIR, ACC,
+                                          BLOCK)
+        if HAS_WD:
+            d = d + wd * param
+        if HAS_BUF:
+            if FIRST:
+                b = d
+            else:
+                b = tl.load(b_ptr + idx, mask=mask, other=0.0) * mom + keep * d
+            tl.store(b_ptr + idx, b, mask=mask)
+            if NESTEROV:
+                d = d + mom * b
+            else:
+                d = b
+        tl.store(p_ptr + idx, _to_param(param + neg_lr * d, P_TY, BF16), mask=mask)
+
+
+def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], **constexprs) -> None:
+    """Builds [pointers | sizes | tensor ids | chunk starts] and the scalars in one device table
+    and launches `kernel` with one program per chunk. `lists` holds 7 lists, empty where absent."""
+    params = lists[0]
+    n = len(params)
+    sizes = [p.numel() for p in params]
+    work_t = [t for t, size in enumerate(sizes) for _ in range(0, size, CHUNK)]
+    work_s = [start for size in sizes for start in range(0, size, CHUNK)]
+    if not work_t:
+        return
+    rows = []
+    for k in range(LISTS):
+        source = lists[k] if lists[k] else params  # an absent list is never read: any valid address
+        rows.append([x.data_ptr() for x in source])
+    ints = [a for row in rows for a in row] + sizes + work_t + work_s
+    host = torch.cat([torch.tensor(scalars, dtype=torch.float64).view(torch.int64),
+                      torch.tensor(ints, dtype=torch.int64)])
+    table = host.to(params[0].device)
+    scal, ptrs, sizes_d, work_t_d, work_s_d = table.split([len(scalars), LISTS * n, n, len(work_t), len(work_s)])
+    f64 = params[0].dtype == torch.float64
+    kernel[(len(work_t),)](ptrs, scal, sizes_d, work_t_d, work_s_d, n, CHUNK=CHUNK, F64=f64,
+                           BF16=params[0].dtype == torch.bfloat16,
+                           P_TY=_TL_TYPES[params[0].dtype], ACC=tl.float64 if f64 else tl.float32, BLOCK=BLOCK,
+                           **constexprs)
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check(lists: list[list[torch.Tensor]], names: tuple[str, ...]) -> None:
+    params = lists[0]
+    if not params:
+        raise ValueError("ehm_fast: params is empty")
+    p0 = params[0]
+    if p0.dtype not in _TL_TYPES:
+        raise TypeError(f"ehm_fast: unsupported dtype {p0.dtype} (expected a floating type)")
+    state = _state_dtype(p0.dtype)
+    for k, (name, items) in enumerate(zip(names, lists)):
+        if not items:
+            continue
+        if len(items) != len(params):
+            raise ValueError(f"ehm_fast: {name} has {len(items)} tensors, params has {len(params)}")
+        want = p0.dtype if k < 3 else state
+        for i, (x, p) in enumerate(zip(items, params)):
+            if x.device != p0.device or x.dtype != want or x.shape != p.shape:
+                raise ValueError(f"ehm_fast: {name}[{i}] must be {want} on {p0.device} with the shape of params[{i}], "
+                                 f"got {x.dtype} on {x.device} with shape {tuple(x.shape)}")
+
+
+def cv_adam_(params, grads, ref_grads, anchors, exp_avgs, exp_avg_sqs, directions, alpha: float, step: int, lr: float,
+             beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool) -> None:
+    lists = [list(params), list(grads), list(ref_grads), list(anchors), list(exp_avgs), list(exp_avg_sqs),
+             list(directions)]
+    _check(lists, ("params", "grads", "ref_grads", "anchors", "exp_avgs", "exp_avg_sqs", "out_directions"))
+    if step < 1:
+        raise ValueError(f"ehm_fast: step must be >= 1, got {step}")
+    # as torch.optim.Adam computes them, in double on the host
+    bc1 = 1 - beta1 ** float(step)
+    bc2 = 1 - beta2 ** float(step)
+    scalars = [alpha, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, 1 - lr * weight_decay, -(lr / bc1),
+               math.pow(bc2, 0.5)]
+    _launch(_cv_adam_kernel, lists, scalars, HAS_CV=bool(ref_grads), HAS_DIR=bool(directions),
+            DECOUPLED=bool(decoupled), HAS_WD=weight_decay != 0)
+
+
+def cv_sgd_(params, grads, ref_grads, anchors, momentum_buffers, directions, alpha: float, lr: float,
+            momentum: float, dampening: float, weight_decay: float, nesterov: bool, first: bool) -> None:
+    has_buf = momentum != 0
+    lists = [list(params), list(grads), list(ref_grads), list(anchors), list(momentum_buffers) if has_buf else [],
+             [], list(directions)]
+    _check(lists, ("params", "grads", "ref_grads", "anchors", "momentum_buffers", "", "out_directions"))
+    scalars = [alpha, -lr, momentum, 1 - dampening, weight_decay]
+    _launch(_cv_sgd_kernel, lists, scalars, HAS_CV=bool(ref_grads), HAS_DIR=bool(directions), HAS_BUF=has_buf,
+            FIRST=bool(first), NESTEROV=bool(nesterov), HAS_WD=weight_decay != 0)
