@@ -20,7 +20,7 @@ void image_fwd(const T* x, const T* m, const acc_t<T>* s, int64_t B, int64_t d, 
   using A = acc_t<T>;
   const int64_t chunks = (d + kChunk - 1) / kChunk;
   std::vector<A> parts(static_cast<size_t>(B * chunks));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * d >= kParallelMin)
   for (int64_t task = 0; task < B * chunks; ++task) {
     const int64_t r = task / chunks, begin = (task % chunks) * kChunk, end = std::min(d, begin + kChunk);
     const T* xr = x + r * d;
@@ -43,7 +43,7 @@ void image_bwd(const acc_t<T>* grad, const T* x, const T* m, const acc_t<T>* s, 
   using A = acc_t<T>;
   const int64_t row_chunks = (B + kRowChunk - 1) / kRowChunk, col_chunks = (d + kColChunk - 1) / kColChunk;
   std::vector<A> parts(gs ? static_cast<size_t>(row_chunks * d) : 0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * d >= kParallelMin)
   for (int64_t task = 0; task < row_chunks * col_chunks; ++task) {
     const int64_t rc = task / col_chunks, c0 = (task % col_chunks) * kColChunk, c1 = std::min(d, c0 + kColChunk);
     A* part = gs ? parts.data() + rc * d : nullptr;
@@ -60,7 +60,7 @@ void image_bwd(const acc_t<T>* grad, const T* x, const T* m, const acc_t<T>* s, 
     }
   }
   if (!gs) return;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (row_chunks * d >= kParallelMin)
   for (int64_t j = 0; j < d; ++j) {
     A sum = 0;
     for (int64_t rc = 0; rc < row_chunks; ++rc) sum += parts[rc * d + j];
@@ -72,7 +72,7 @@ template <typename T, CodeKind K>
 void code_fwd(const T* a, const T* b, const T* c, const T* e, const acc_t<T>* base, int64_t B, int64_t D, T* out) {
   using A = acc_t<T>;
   auto at = [](const T* p, int64_t i) { return p ? static_cast<A>(p[i]) : A(0); };
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelMin)
   for (int64_t r = 0; r < B; ++r) {
     A sum = base ? base[r] : A(0);
     for (int64_t i = r * D; i < (r + 1) * D; ++i) sum += terms::code_term<K, A>(at(a, i), at(b, i), at(c, i), at(e, i));
@@ -85,7 +85,7 @@ void code_bwd(const acc_t<T>* grad, const T* a, const T* b, const T* c, const T*
               T* gc, T* ge) {
   using A = acc_t<T>;
   auto at = [](const T* p, int64_t i) { return p ? static_cast<A>(p[i]) : A(0); };
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * D >= kParallelMin)
   for (int64_t r = 0; r < B; ++r) {
     const A g = grad[r];
     for (int64_t i = r * D; i < (r + 1) * D; ++i) {

@@ -25,19 +25,27 @@ struct Partial {
 // exponentials that vectorises. -inf adds nothing, NaN poisons the sum.
 template <typename T, typename A>
 inline void add_tile(Partial<A>& acc, const T* s, const T* p, int64_t n) {
+  // kLanes independent partial maxima and sums: the reductions vectorise without -ffast-math.
+  constexpr int kLanes = 8;
   A x[kTile];
-  A top = acc.m;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0));
-    top = x[i] > top ? x[i] : top;
-  }
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<A>(s[i]) - (p ? static_cast<A>(p[i]) : A(0));
+  const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+  for (int64_t i = n; i < padded; ++i) x[i] = -std::numeric_limits<A>::infinity();
+  A lane_max[kLanes], lane_sum[kLanes] = {};
+  for (int j = 0; j < kLanes; ++j) lane_max[j] = acc.m;
+  for (int64_t i = 0; i < padded; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane_max[j] = x[i + j] > lane_max[j] ? x[i + j] : lane_max[j];
+  A top = lane_max[0];
+  for (int j = 1; j < kLanes; ++j) top = lane_max[j] > top ? lane_max[j] : top;
   if (top == -std::numeric_limits<A>::infinity()) {  // nothing finite yet: only NaN can matter
     for (int64_t i = 0; i < n; ++i)
       if (std::isnan(x[i])) acc.s = x[i];
     return;
   }
+  for (int64_t i = 0; i < padded; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane_sum[j] += vexp(x[i + j] - top);
   A sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += vexp(x[i] - top);
+  for (int j = 0; j < kLanes; ++j) sum += lane_sum[j];
   acc.s = acc.s * vexp(acc.m - top) + sum;  // acc.m = -inf: 0 * 0
   acc.m = top;
 }
@@ -58,7 +66,7 @@ void fwd(const T* s, const T* p, int64_t R, int64_t M, bool jensen, T* out, acc_
   using A = acc_t<T>;
   const int64_t chunks = (M + kChunk - 1) / kChunk;
   std::vector<Partial<A>> parts(static_cast<size_t>(R * chunks));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * M >= kParallelMin)
   for (int64_t task = 0; task < R * chunks; ++task) {
     const int64_t r = task / chunks, c = task % chunks;
     const int64_t begin = r * M + c * kChunk, end = r * M + std::min(M, (c + 1) * kChunk);
@@ -72,7 +80,7 @@ void fwd(const T* s, const T* p, int64_t R, int64_t M, bool jensen, T* out, acc_
     }
     parts[task] = acc;
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * 64 >= kParallelMin)
   for (int64_t r = 0; r < R; ++r) {
     A value;
     if (jensen) {
@@ -97,7 +105,7 @@ void bwd(const acc_t<T>* grad, const T* s, const T* p, const acc_t<T>* lse, int6
   using A = acc_t<T>;
   const A inv_m = A(1) / static_cast<A>(M);
   const int64_t chunks = (M + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (R * M >= kParallelMin)
   for (int64_t task = 0; task < R * chunks; ++task) {
     const int64_t r = task / chunks;
     const A g = grad[r], l = lse[r];

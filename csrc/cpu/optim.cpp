@@ -29,9 +29,12 @@ Views<T> views(const TensorLists& l, int64_t t) {
 template <typename T, typename Body>
 void for_each_chunk(const TensorLists& l, Body body) {
   std::vector<std::pair<int64_t, int64_t>> work;  // (tensor, first element)
-  for (int64_t t = 0; t < l.n; ++t)
+  int64_t total = 0;
+  for (int64_t t = 0; t < l.n; ++t) {
+    total += l.sizes[t];
     for (int64_t start = 0; start < l.sizes[t]; start += kOptimChunk) work.emplace_back(t, start);
-#pragma omp parallel for schedule(static)
+  }
+#pragma omp parallel for schedule(static) if (total >= kParallelMin)
   for (int64_t w = 0; w < static_cast<int64_t>(work.size()); ++w) {
     const auto [t, start] = work[w];
     body(views<T>(l, t), start, std::min(l.sizes[t], start + kOptimChunk));

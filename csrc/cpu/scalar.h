@@ -12,6 +12,10 @@
 
 namespace ehm::cpu {
 
+// Elements of work below which an OpenMP region costs more than it saves (and, on a loaded
+// machine, can wait a whole time slice at its barrier).
+constexpr int64_t kParallelMin = 1 << 16;
+
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 

@@ -32,7 +32,7 @@ void fwd(const T* z, const T* mu, const T* lv, const acc_t<T>* base, int64_t B, 
          acc_t<T>* lse) {
   using A = acc_t<T>;
   const A log_k = std::log(static_cast<A>(K));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * K * D >= kParallelMin)
   for (int64_t b = 0; b < B; ++b) {
     A m = -std::numeric_limits<A>::infinity(), s = 0;  // running max and sum of exp(x - m)
     for (int64_t k = 0; k < K; ++k) {
@@ -56,7 +56,7 @@ void bwd(const acc_t<T>* grad, const T* z, const T* mu, const T* lv, const acc_t
          int64_t D, T* gz, T* gmu, T* glv) {
   using A = acc_t<T>;
   if (gz) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * K * D >= kParallelMin)
     for (int64_t b = 0; b < B; ++b) {
       std::vector<A> acc(static_cast<size_t>(D), A(0));
       const T* zb = z + b * D;
@@ -70,7 +70,7 @@ void bwd(const acc_t<T>* grad, const T* z, const T* mu, const T* lv, const acc_t
     }
   }
   if (!gmu && !glv) return;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * K * D >= kParallelMin)
   for (int64_t k = 0; k < K; ++k) {
     std::vector<A> acc_mu(static_cast<size_t>(D), A(0)), acc_lv(static_cast<size_t>(D), A(0));
     const T* mk = mu + k * D;
