@@ -94,8 +94,10 @@ def test_bf16_error_within_2x_of_pytorch(backend_device, estimator):
     ours = losses.log_partition(s.bfloat16(), p.bfloat16(), estimator=estimator, backend=backend)
     assert ours.dtype == torch.bfloat16
     err_ours, err_torch = rel_err(ours, exact), rel_err(torch_bf16, exact)
-    # rounding the fp32 result to bf16 costs up to half an ulp (2^-9 relative) whatever PyTorch got
-    assert err_ours <= max(2 * err_torch, 2**-8), (err_ours, err_torch)
+    # rounding the fp32 result to bf16 costs up to half an ulp whatever PyTorch got; the Triton
+    # interpreter truncates fp32 -> bf16 stores (compiled Triton rounds), a whole ulp
+    ulp = 2**-7 if (backend, device) == ("triton", "cpu") else 2**-8
+    assert err_ours <= max(2 * err_torch, ulp), (err_ours, err_torch)
 
 
 def test_non_contiguous_and_broadcast_proposal(backend_device):
