@@ -35,13 +35,13 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite steps)."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, no usage block
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog=PROG,
         description="Train an Extended Helmholtz Machine (VAE/GAN hybrid) on images. Options come from the "
         "defaults, then --config FILE, then the flags given here.",
