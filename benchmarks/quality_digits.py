@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/quality_digits", help="folder for the training runs")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder for the markdown table")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate", nargs="+", metavar="RUN_DIR", help="score these finished runs instead of training")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags passed to ehm-train for every objective")
     args = p.parse_args(argv)
     extra = [a for a in args.extra if a != "--"]
@@ -84,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     clf = fit_classifier()
     real = sample_scores(clf, digits_images(32)[torch.randperm(1797, generator=torch.Generator().manual_seed(0))[:N_SAMPLES]])
     rows = [("real data (ceiling)", real | {"rec_mse": float("nan")}, float("nan"))]
-    for obj in args.objectives:
+    for run in args.evaluate or []:
+        state = load_models(run)[1]
+        rows.append((f"{state.objective} ({run})", evaluate(Path(run), clf, args.seed), float("nan")))
+    for obj in [] if args.evaluate else args.objectives:
         out = Path(args.work) / obj
+        shutil.rmtree(out, ignore_errors=True)  # this script's own scratch run
         t0 = time.perf_counter()
         code = train_main(["--objective", obj, "--out", str(out), "--seed", str(args.seed), *steps, *extra])
         if code != 0:
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {s['confident']:.3f} | {s['entropy']:.3f} | {rec} | {'-' if math.isnan(secs) else f'{secs:.0f}'} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.quick:
+    if not args.quick and not args.evaluate:
         path = Path(args.results) / f"quality_digits_{dt.date.today().isoformat()}.md"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -167,6 +167,9 @@ class Run:
             if self.world_size > 1:
                 torch.manual_seed(cfg.seed * 1000 + self.rank)  # different noise per process
         self.run_dir = _run_dir(cfg, resume_path)
+        if resume_state is None and (self.run_dir / ckpt.CHECKPOINT_NAME).exists():
+            raise ConfigError(f"run folder {str(self.run_dir)!r} already holds a checkpoint: continue it with --resume "
+                              f"{self.run_dir}, or choose another --out")
         self.stop_signal: int | None = None
 
     def _init_process_group(self) -> None:

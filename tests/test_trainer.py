@@ -327,6 +327,15 @@ def test_corrupt_checkpoint_leaves_the_run_folder_untouched(tmp_path, capsys):
     assert _snapshot(out) == before
 
 
+def test_fresh_run_refuses_a_folder_with_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(train.main, [*TINY, "--steps", "1", "--out", str(out)], capsys)[0] == 0
+    before = _snapshot(out)
+    code, err = run_cli(train.main, [*TINY, "--steps", "1", "--out", str(out)], capsys)
+    assert_one_line_error(code, err)
+    assert "--resume" in err and _snapshot(out) == before
+
+
 def test_unknown_config_key(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("widht: 8\n")
