@@ -41,7 +41,7 @@ class EHMConfig:
                          "(symmetric VAE), vae (ELBO, no critic), wgan-gp (decoder trained by the critic alone)", OBJECTIVES)
     estimator: str = opt("jensen", "critic's log-partition estimate: importance (logsumexp of f(x~) - log p(x~|z), "
                          "x~ sampled with the decoder noise) or jensen (its lower bound, WGAN's mean f(x~))", ESTIMATORS)
-    n_critic: int = opt(2, "critic steps per generator step (5 in WGAN-GP; 2 is enough on the digits)")
+    n_critic: int = opt(2, "critic steps per generator step (WGAN-GP uses 5; 2 keeps the digits default within a few CPU minutes)")
     critic_schedule: str = opt("constant", "constant n_critic, or wgan: 100 critic steps for the first 25 generator "
                                "steps and every 500th", SCHEDULES)
     lipschitz: str = opt("gp", "how the critic is kept Lipschitz: gp (gradient penalty), clip (weight clipping), none",
