@@ -20,6 +20,7 @@ and counted in `bad_steps`; with fused Adam on a GPU the skip happens on the dev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -79,7 +80,7 @@ class EHM:
         self.cfg, self.models = cfg, models
         self.device = models.decoder.top_bias.device
         on_gpu = self.device.type == "cuda"
-        self.amp = on_gpu and torch.cuda.is_bf16_supported() if cfg.amp is None else bool(cfg.amp)
+        self.amp = (on_gpu and torch.cuda.is_bf16_supported()) if cfg.amp is None else bool(cfg.amp)
         self.channels_last = on_gpu if cfg.channels_last is None else bool(cfg.channels_last)
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         graph_ok = on_gpu and cfg.optimizer == "adam" and self.world_size == 1
@@ -138,7 +139,9 @@ class EHM:
 
     def _take(self, batches: Any, count: int) -> list[Tensor]:
         if isinstance(batches, Tensor):
-            return [batches] * count if batches.dim() == 4 else list(batches.unbind(0))[:count]
+            if batches.dim() == 4:
+                return [batches] * count
+            batches = list(batches.unbind(0))
         if isinstance(batches, Sequence):
             if len(batches) != count:
                 raise ValueError(f"this step needs {count} batches (n_critic + 1), got {len(batches)}")
@@ -317,22 +320,19 @@ class EHM:
         return sleep
 
     # ------------------------------------------------------------------ optimisation
-    class _Trainable:
-        def __init__(self, ehm: "EHM", critic: bool) -> None:
-            self.ehm, self.critic = ehm, critic
-
-        def __enter__(self) -> None:
-            for p in self.ehm.c_params:
-                p.requires_grad_(self.critic)
-            for p in self.ehm.g_params:
-                p.requires_grad_(not self.critic)
-
-        def __exit__(self, *exc: object) -> None:
-            for p in self.ehm.c_params + self.ehm.g_params:
+    @contextlib.contextmanager
+    def _trainable(self, critic: bool) -> Iterator[None]:
+        """Only the phase's own parameters collect gradients (no critic weight-gradients in the
+        generator step); everything is trainable again afterwards."""
+        for p in self.c_params:
+            p.requires_grad_(critic)
+        for p in self.g_params:
+            p.requires_grad_(not critic)
+        try:
+            yield
+        finally:
+            for p in self.c_params + self.g_params:
                 p.requires_grad_(True)
-
-    def _trainable(self, critic: bool) -> "EHM._Trainable":
-        return EHM._Trainable(self, critic)
 
     def _optimize(self, opt: torch.optim.Optimizer, params: list[Tensor], closure: Callable[[], tuple[Tensor, Metrics]]) -> Metrics:
         """Backward the closure's loss and step `opt`, skipping (and counting) non-finite steps."""
