@@ -76,6 +76,15 @@ def test_objectives_train_with_finite_losses(objective, variant):
     assert ehm.step_count == 3
 
 
+def test_bf16_autocast_and_channels_last_on_the_cpu():
+    m = tiny_models(share_weights=True)
+    ehm = EHM(m, amp=True, channels_last=True, n_critic=1, estimator="importance")
+    assert m.encoder.body.convs[1].weight.is_contiguous(memory_format=torch.channels_last)
+    assert m.decoder.weights[1] is m.encoder.body.convs[1].weight  # still tied after the format change
+    metrics = ehm.step(real_batch())
+    assert all(torch.isfinite(v).all() for v in metrics.values()) and float(metrics["bad_steps"]) == 0
+
+
 def test_importance_estimator_reports_effective_sample_size():
     ehm = EHM(tiny_models(), estimator="importance", n_critic=1)
     metrics = ehm.step(real_batch())
