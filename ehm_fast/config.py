@@ -1,0 +1,239 @@
+"""Run configuration: dataclasses with a help text per option, YAML/TOML files, flag overrides.
+
+Precedence: the dataclass defaults, then the file given by `--config`, then command-line flags.
+Every option is a field of `TrainConfig` (those of the training step come from `EHMConfig`), so
+files and flags share one name per option (`n_critic` in a file, `--n-critic` on the line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OBJECTIVES = ("ehm", "svae", "vae", "wgan-gp")
+ESTIMATORS = ("importance", "jensen")
+SCHEDULES = ("constant", "wgan")
+LIPSCHITZ = ("gp", "clip", "none")
+SLEEP_LATENT = ("nll", "kl")
+OPTIMIZERS = ("adam", "svrg", "storm")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key; the CLI prints it as one line and exits with code 2."""
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class EHMConfig:
+    """Options of the training step (`ehm_fast.EHM`)."""
+
+    objective: str = opt("ehm", "what the encoder/decoder minimise: ehm (wake + sleep cross-entropies), svae "
+                         "(symmetric VAE), vae (ELBO, no critic), wgan-gp (decoder trained by the critic alone)", OBJECTIVES)
+    estimator: str = opt("jensen", "critic's log-partition estimate: importance (logsumexp of f(x~) - log p(x~|z), "
+                         "x~ sampled with the decoder noise) or jensen (its lower bound, WGAN's mean f(x~))", ESTIMATORS)
+    n_critic: int = opt(2, "critic steps per generator step (WGAN-GP uses 5; 2 keeps the digits default within a few CPU minutes)")
+    critic_schedule: str = opt("constant", "constant n_critic, or wgan: 100 critic steps for the first 25 generator "
+                               "steps and every 500th", SCHEDULES)
+    lipschitz: str = opt("gp", "how the critic is kept Lipschitz: gp (gradient penalty), clip (weight clipping), none",
+                         LIPSCHITZ)
+    gp_weight: float = opt(10.0, "gradient penalty weight lambda")
+    gp_eps: float = opt(1e-8, "epsilon inside the gradient norm sqrt(|g|^2 + eps) (no NaN at a zero gradient)")
+    clip_value: float = opt(0.01, "weight clipping bound c (lipschitz=clip)")
+    sleep_latent: str = opt("nll", "sleep-phase latent loss: nll (-log q(z|x~)) or kl (closed-form KL between "
+                            "N(z, t^2 I) and q(z|x~))", SLEEP_LATENT)
+    sleep_code_noise: float = opt(0.1, "t, the standard deviation around the sleep-phase code (sleep_latent=kl)")
+    sleep_noise: bool = opt(False, "sample x~ = G(z) + s*eps in the sleep phase instead of taking the mean G(z)")
+    sleep_decoder_grad: bool = opt(True, "let sleep-phase gradients flow into the decoder through x~")
+    critic_weight: float = opt(30.0, "weight w of -f(x~) in the sleep loss (1 is the literal EHM objective; the decoder's "
+                               "reconstruction gradient is ~1/s^2 larger, and w = 30 gave better digits than 1)")
+    likelihood: str = opt("gaussian", "decoder likelihood p(x|z)", ("gaussian", "laplace", "bernoulli"))
+    log_scale: float = opt(math.log(0.1), "initial log standard deviation (gaussian) or log scale (laplace)")
+    learn_scale: bool = opt(True, "learn the decoder's log_scale (else it stays fixed)")
+    optimizer: str = opt("adam", "adam (torch's fused Adam on a GPU), or svrg / storm from ehm_fast.optim", OPTIMIZERS)
+    lr: float = opt(2e-4, "learning rate of the encoder and decoder")
+    lr_critic: float = opt(2e-4, "learning rate of the critic")
+    betas: tuple[float, float] = opt((0.5, 0.9), "Adam betas (both optimizers)")
+    backend: str = opt("auto", "ehm_fast.losses backend: auto (fused kernels), torch (plain-PyTorch reference), cpu, "
+                       "cuda, triton", ("auto", "torch", "cpu", "cuda", "triton"))
+    amp: bool | None = opt(None, "bf16 autocast (default: on on a GPU with bf16, off on the CPU)")
+    channels_last: bool | None = opt(None, "channels_last memory format (default: on on a GPU)")
+    cuda_graph: bool | None = opt(None, "capture each iteration in a CUDA graph (default: on on a GPU when the "
+                                  "optimizer can skip a non-finite step on the device)")
+    max_bad_steps: int = opt(50, "stop after this many steps skipped for non-finite losses or gradients")
+
+
+@dataclass
+class TrainConfig(EHMConfig):
+    """Everything a run needs; saved in every checkpoint."""
+
+    data: str = opt("digits", "data source: digits (scikit-learn's 8x8 digits, upsampled), folder:PATH (images in a "
+                    "folder), or shards:/lsun: specs handled by ehm_fast.data")
+    image_size: int = opt(32, "image side in pixels (32, 64 or 128)", (32, 64, 128))
+    batch_size: int = opt(64, "images per batch (across all devices)")
+    steps: int = opt(1000, "generator steps to train")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    z_dim: int = opt(32, "latent code size")
+    width: int = opt(32, "channels of the first encoder level (doubled per level, capped at 8x); the decoder mirrors it")
+    critic_width: int = opt(32, "channels of the critic's first level")
+    norm: str = opt("layer", "encoder/decoder normalisation", ("batch", "layer", "none"))
+    critic_norm: str = opt("none", "critic normalisation (no BatchNorm under a gradient penalty)", ("layer", "none"))
+    share_weights: bool = opt(False, "decoder uses the encoder's conv weights, transposed")
+    scale_shape: str = opt("scalar", "log_scale per image (scalar) or per channel", ("scalar", "channel"))
+    prior: str = opt("normal", "p(z): normal N(0, I) or vamp (VampPrior)", ("normal", "vamp"))
+    vamp_components: int = opt(32, "pseudo-inputs K of the VampPrior")
+    out: str | None = opt(None, "run folder (default runs/<timestamp>)")
+    log_every: int = opt(10, "steps between progress/TensorBoard/metrics.jsonl records")
+    sample_every: int = opt(250, "steps between sample and reconstruction grids")
+    ckpt_every: int = opt(500, "steps between checkpoints (one is also written at the end and on SIGINT/SIGTERM)")
+    n_samples: int = opt(64, "images per sample grid")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(hint: Any) -> Any:
+    """int for `int | None`, etc."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def _coerce(name: str, value: Any, hint: Any, choices: tuple | None) -> Any:
+    optional = type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key {name!r} cannot be empty")
+    base = _base_type(hint)
+    try:
+        if base is bool:
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                value = value.lower() in ("true", "yes", "1", "on")
+            if not isinstance(value, bool):
+                raise TypeError
+        elif typing.get_origin(base) is tuple:
+            items = [float(v) for v in value]
+            if len(items) != len(typing.get_args(base)):
+                raise TypeError
+            value = tuple(items)
+        elif base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        else:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name!r} must be {getattr(base, '__name__', base)}, got {value!r}") from None
+    if choices and value not in choices:
+        raise ConfigError(f"config key {name!r} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
+    """A copy of `config` with `values` set; unknown keys and bad values raise ConfigError."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = _hints(type(config))
+    clean = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
+        clean[name] = _coerce(name, value, hints[name], fields[name].metadata.get("choices"))
+    return validate(dataclasses.replace(config, **clean))
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    positive = ("n_critic", "batch_size", "z_dim", "width", "critic_width", "log_every", "sample_every", "ckpt_every",
+                "n_samples", "vamp_components", "max_bad_steps")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.steps < 0:
+        raise ConfigError(f"steps must be >= 0, got {config.steps}")
+    for name in ("lr", "lr_critic", "gp_weight", "clip_value", "gp_eps", "sleep_code_noise"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
+    return config
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """The key/value mapping of a .yaml/.yml or .toml config file (nested tables are flattened)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {exc.strerror or exc}") from None
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {str(p)!r} must end in .yaml, .yml or .toml")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parse errors of either format
+        raise ConfigError(f"cannot parse config file {str(p)!r}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        # Sections ([model], [critic], ...) only group keys; the names stay flat and unique.
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
+    """One flag per field; defaults are SUPPRESSed so only the flags given override the file."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        base = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f"{meta.get('help', '')} (default: {'auto' if default is None else default})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "dest": f.name}
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(flag, nargs=len(typing.get_args(base)), type=float, metavar="X", **kwargs)
+        else:
+            choices = meta.get("choices")
+            parser.add_argument(flag, type=base, choices=choices, metavar=None if choices else f.name.upper(), **kwargs)
+
+
+def to_dict(config: EHMConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved by `to_dict` (keys unknown to this version are ignored)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}
+    return TrainConfig(**known)

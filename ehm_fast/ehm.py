@@ -1,0 +1,437 @@
+"""The EHM training step: critic phase, then the wake and sleep phases (EHM_MATH.md).
+
+    from ehm_fast import EHM
+    from ehm_fast.models import EHMModels
+    models = EHMModels(image_size=32, channels=1, z_dim=32, width=32).to(device)
+    ehm = EHM(models, objective="ehm", n_critic=5)
+    for _ in range(steps):
+        metrics = ehm.step(batches)      # an iterator of [B, C, S, S] batches in [-1, 1]
+
+`step` pulls `ehm.batches_needed()` batches (one per critic step, one for the wake phase) and
+returns a dict of 0-d tensors; nothing in it waits for the device (read them with .item() only
+when you log). Every loss goes through `ehm_fast.losses`.
+
+Speed paths (each on by default on a GPU, off on the CPU): bf16 autocast, channels_last, and the
+capture of a whole iteration (all critic steps and the generator step, optimizer steps included)
+in one CUDA graph per critic-step count. Steps whose loss or gradients are not finite are skipped
+and counted in `bad_steps`; with fused Adam on a GPU the skip happens on the device (Adam's
+`found_inf`), elsewhere by one host check per optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import losses
+from .config import ConfigError, EHMConfig
+from .models import EHMModels
+
+Metrics = dict[str, Tensor]
+
+
+def make_optimizer(
+    name: str, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], device: torch.device,
+    capturable: bool = False,
+) -> torch.optim.Optimizer:
+    """Adam (fused on a GPU), or SVRG/STORM from ehm_fast.optim (driven with a closure)."""
+    if name == "adam":
+        if device.type == "cuda":
+            return torch.optim.Adam(params, lr=lr, betas=betas, fused=True, capturable=capturable)
+        return torch.optim.Adam(params, lr=lr, betas=betas)
+    if name in ("svrg", "storm"):
+        try:
+            from . import optim as eoptim
+        except ImportError as exc:
+            raise ConfigError(
+                f"--optimizer {name} needs ehm_fast.optim, which this installation lacks ({exc}); use --optimizer adam"
+            ) from None
+        cls = getattr(eoptim, name.upper(), None)
+        if cls is None:
+            raise ConfigError(f"--optimizer {name}: ehm_fast.optim has no {name.upper()} class; use --optimizer adam")
+        return cls(params, lr=lr, betas=betas)
+    raise ConfigError(f"optimizer must be adam, svrg or storm, got {name!r}")
+
+
+@dataclass
+class _Graph:
+    graph: Any
+    inputs: list[Tensor]
+    outputs: Metrics
+
+
+class EHM:
+    """One training iteration of the EHM (or of the svae / vae / wgan-gp baselines) on `models`.
+
+    `config` is an `EHMConfig` (a `TrainConfig` works too); keyword arguments override its fields.
+    """
+
+    def __init__(self, models: EHMModels, config: EHMConfig | None = None, **overrides: Any) -> None:
+        cfg = dataclasses.replace(config or EHMConfig(), **overrides)
+        self.cfg, self.models = cfg, models
+        self.device = models.decoder.top_bias.device
+        on_gpu = self.device.type == "cuda"
+        self.amp = (on_gpu and torch.cuda.is_bf16_supported()) if cfg.amp is None else bool(cfg.amp)
+        self.channels_last = on_gpu if cfg.channels_last is None else bool(cfg.channels_last)
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        graph_ok = on_gpu and cfg.optimizer == "adam" and self.world_size == 1
+        if cfg.cuda_graph and not graph_ok:
+            why = "it needs a CUDA device" if not on_gpu else "it needs --optimizer adam on one process"
+            warnings.warn(f"cuda_graph is off: {why}", RuntimeWarning, stacklevel=2)
+        self.cuda_graph = graph_ok if cfg.cuda_graph is None else bool(cfg.cuda_graph) and graph_ok
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        models.to(memory_format=self.memory_format)
+        self.estimator = "jensen" if cfg.objective == "wgan-gp" else cfg.estimator
+        self.uses_critic = cfg.objective != "vae"
+        self.g_params = models.generator_parameters()
+        self.c_params = [p for p in models.critic.parameters() if p.requires_grad]
+        self.opt_g = make_optimizer(cfg.optimizer, self.g_params, cfg.lr, cfg.betas, self.device, self.cuda_graph)
+        self.opt_c = make_optimizer(cfg.optimizer, self.c_params, cfg.lr_critic, cfg.betas, self.device, self.cuda_graph)
+        # Fused Adam skips a step on the device when its found_inf is 1: no host sync.
+        self._device_skip = cfg.optimizer == "adam" and on_gpu
+        self.step_count = 0  # generator steps done
+        self.bad_steps = torch.zeros((), device=self.device)  # optimizer steps skipped (non-finite)
+        self._one = torch.ones(1, device=self.device)
+        self._graphs: dict[int, _Graph] = {}
+
+    # ------------------------------------------------------------------ schedule
+    def n_critic_now(self) -> int:
+        """Critic steps of the next iteration (WGAN's schedule: 100 early on and every 500th step)."""
+        if not self.uses_critic:
+            return 0
+        s = self.step_count
+        if self.cfg.critic_schedule == "wgan" and (s < 25 or s % 500 == 0):
+            return 100
+        return self.cfg.n_critic
+
+    def batches_needed(self) -> int:
+        return self.n_critic_now() + 1
+
+    # ------------------------------------------------------------------ public step
+    def step(self, batches: Iterator[Tensor] | Iterable[Tensor] | Sequence[Tensor] | Tensor) -> Metrics:
+        """One iteration: n_critic critic steps, then one generator step.
+
+        `batches`: an iterator (pulled `batches_needed()` times), a sequence of exactly that many
+        [B, C, S, S] tensors, or one [B, C, S, S] tensor used by every phase. Returns 0-d tensors
+        (overwritten by the next step when a CUDA graph runs: .clone() what you keep).
+        """
+        n = self.n_critic_now()
+        real = self._take(batches, n + 1)
+        if self.cuda_graph:
+            g = self._graphs.get(n) or self._capture(real, n)
+            for buf, b in zip(g.inputs, real):
+                buf.copy_(b, non_blocking=True)
+            g.graph.replay()
+            metrics = g.outputs
+        else:
+            metrics = self._iteration([self._prepare(b) for b in real], n)
+        self.step_count += 1
+        return metrics
+
+    def _take(self, batches: Any, count: int) -> list[Tensor]:
+        if isinstance(batches, Tensor):
+            if batches.dim() == 4:
+                return [batches] * count
+            batches = list(batches.unbind(0))
+        if isinstance(batches, Sequence):
+            if len(batches) != count:
+                raise ValueError(f"this step needs {count} batches (n_critic + 1), got {len(batches)}")
+            return list(batches)
+        it = iter(batches)
+        return [next(it) for _ in range(count)]
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        return x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def _autocast(self) -> torch.autocast:
+        # Cached weight casts would live outside the graph's memory pool: no cache while capturing.
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.cuda_graph)
+
+    # ------------------------------------------------------------------ one iteration
+    def _iteration(self, real: list[Tensor], n_critic: int) -> Metrics:
+        metrics: Metrics = {}
+        for i in range(n_critic):
+            metrics.update(self._critic_step(real[i]))
+        metrics.update(self._generator_step(real[n_critic]))
+        metrics["bad_steps"] = self.bad_steps
+        return metrics
+
+    def _draw_noise(self, like: Tensor) -> Tensor:
+        """Standard noise for one draw of p(x|z), drawn before a closure so that a re-evaluation
+        (SVRG/STORM) sees the same draw: normal for gaussian, uniform(0, 1) otherwise."""
+        if self.cfg.likelihood == "gaussian":
+            return torch.randn(like.shape, device=like.device)
+        return torch.rand(like.shape, device=like.device)
+
+    def _sample_x(self, out: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """x~ ~ p(x|z) (pathwise in `out` and log_scale) as an image in [-1, 1], and log p(x~|z)
+        in fp32; the mean image and None when `noise` is None."""
+        dec, out = self.models.decoder, out.float()
+        if noise is None:
+            return dec.to_image(out), None
+        lik, b = self.cfg.likelihood, self.cfg.backend
+        if lik == "bernoulli":
+            x01 = (noise < torch.sigmoid(out)).float()
+            return x01 * 2 - 1, -losses.bernoulli_nll(x01, out, backend=b)
+        log_scale = dec.log_scale.float()
+        if lik == "gaussian":
+            x = out + torch.exp(log_scale) * noise
+            return x, -losses.gaussian_nll(x, out, log_scale, backend=b)
+        u = noise - 0.5  # inverse CDF of the Laplace distribution
+        x = out - torch.exp(log_scale) * torch.sign(u) * torch.log1p(-2 * u.abs())
+        return x, -losses.laplace_nll(x, out, log_scale, backend=b)
+
+    def _critic_step(self, x: Tensor) -> Metrics:
+        m, cfg = self.models, self.cfg
+        b = x.shape[0]
+        noisy = self.estimator == "importance" or (cfg.objective != "wgan-gp" and cfg.sleep_noise)
+        with torch.no_grad(), self._autocast():
+            z = m.sample_prior(b, device=self.device)
+            out = m.decoder.output(z)
+            fake, log_p = self._sample_x(out, self._draw_noise(out) if noisy else None)
+        fake = fake.to(x.dtype).contiguous(memory_format=self.memory_format)
+        e = torch.rand(b, 1, 1, 1, device=self.device, dtype=x.dtype)
+
+        def closure() -> tuple[Tensor, Metrics]:
+            with self._autocast():
+                f_real, f_fake = m.critic(torch.cat([x, fake])).float().split(b)
+            proposal = log_p if self.estimator == "importance" else None
+            loss = losses.critic_loss(f_real, f_fake, proposal, estimator=self.estimator, backend=cfg.backend)
+            out = {"critic_loss": loss.detach(), "critic_gap": (f_real.mean() - f_fake.mean()).detach()}
+            total = loss
+            if cfg.lipschitz == "gp":
+                gp = cfg.gp_weight * self._gradient_penalty(x, fake, e)
+                out["gp"] = gp.detach()
+                total = total + gp
+            if self.estimator == "importance":
+                out["ess"] = losses.importance_weights(f_fake.detach(), log_p)[1]
+            return total, out
+
+        with self._trainable(critic=True):
+            metrics = self._optimize(self.opt_c, self.c_params, closure)
+        if cfg.lipschitz == "clip":
+            with torch.no_grad():
+                torch._foreach_clamp_min_(self.c_params, -cfg.clip_value)
+                torch._foreach_clamp_max_(self.c_params, cfg.clip_value)
+        return metrics
+
+    def _gradient_penalty(self, x: Tensor, fake: Tensor, e: Tensor) -> Tensor:
+        x_hat = (e * x + (1 - e) * fake).requires_grad_(True)
+        with self._autocast():
+            f_hat = self.models.critic(x_hat)
+        (g,) = torch.autograd.grad(f_hat.float().sum(), x_hat, create_graph=True)
+        norm = torch.sqrt(g.float().pow(2).flatten(1).sum(1) + self.cfg.gp_eps)
+        return (norm - 1).pow(2).mean()
+
+    def _generator_step(self, x: Tensor) -> Metrics:
+        m, cfg = self.models, self.cfg
+        b, obj = x.shape[0], cfg.objective
+        eps_wake = torch.randn(b, m.encoder.z_dim, device=self.device)
+        with torch.no_grad():
+            z_sleep = m.sample_prior(b, device=self.device).float()
+        noise_x = self._draw_noise(x) if cfg.sleep_noise and obj in ("ehm", "svae") else None
+
+        def closure() -> tuple[Tensor, Metrics]:
+            if obj == "wgan-gp":
+                with self._autocast():
+                    f = m.critic(m.decoder(z_sleep).contiguous(memory_format=self.memory_format)).float()
+                loss = -f.mean()
+                return loss, {"gen_loss": loss.detach()}
+            wake, out = self._wake(x, eps_wake)
+            total = wake.mean()
+            out["wake_loss"] = total.detach()
+            if obj in ("ehm", "svae"):
+                sleep = self._sleep(z_sleep, noise_x).mean()
+                out["sleep_loss"] = sleep.detach()
+                total = total + sleep
+            out["gen_loss"] = total.detach()
+            return total, out
+
+        with self._trainable(critic=False):
+            metrics = self._optimize(self.opt_g, self.g_params, closure)
+        metrics["log_scale"] = m.decoder.log_scale.detach().float().mean()
+        return metrics
+
+    def _prior_components(self) -> tuple[Tensor, Tensor] | str:
+        m = self.models
+        if m.prior is None:
+            return "normal"
+        mu_k, lv_k = m.prior.components(m.encoder)
+        return mu_k.float(), lv_k.float()
+
+    def _reconstruction_nll(self, x: Tensor, out: Tensor) -> Tensor:
+        lik, b = self.cfg.likelihood, self.cfg.backend
+        if lik == "bernoulli":
+            return losses.bernoulli_nll((x + 1) / 2, out, backend=b)
+        fn = losses.gaussian_nll if lik == "gaussian" else losses.laplace_nll
+        return fn(x, out, self.models.decoder.log_scale.float(), backend=b)
+
+    def _wake(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Metrics]:
+        """Per-sample wake loss -log p(x|z) - log p(z) (+ log q(z|x) for svae / vae)."""
+        m, cfg = self.models, self.cfg
+        with self._autocast():
+            mu, lv = m.encoder(x)
+            mu, lv = mu.float(), lv.float()
+            z = mu + torch.exp(0.5 * lv) * eps
+            out = m.decoder.output(z).float()
+        x32 = x.float()
+        rec = self._reconstruction_nll(x32, out)
+        prior = self._prior_components()
+        metrics = {"rec_nll": rec.mean().detach(), "rec_mse": (m.decoder.to_image(out) - x32).pow(2).mean().detach()}
+        if cfg.objective == "vae" and prior == "normal":
+            return rec + losses.kl_normal(mu, lv, backend=cfg.backend), metrics
+        pri = losses.std_normal_nll(z, backend=cfg.backend) if prior == "normal" else losses.vamp_prior_nll(
+            z, *prior, backend=cfg.backend
+        )
+        wake = rec + pri
+        if cfg.objective in ("svae", "vae"):
+            wake = wake - losses.latent_nll(z, mu, lv, backend=cfg.backend)
+        return wake, metrics
+
+    def _sleep(self, z: Tensor, noise_x: Tensor | None) -> Tensor:
+        """Per-sample sleep loss -log q(z|x~) - w f(x~) (+ log p(x~|z) for svae)."""
+        m, cfg = self.models, self.cfg
+        with self._autocast():
+            out = m.decoder.output(z)
+        x_s, log_p = self._sample_x(out, noise_x)
+        if not cfg.sleep_decoder_grad:
+            x_s = x_s.detach()
+        x_in = x_s.contiguous(memory_format=self.memory_format)
+        with self._autocast():
+            f = m.critic(x_in).float() * cfg.critic_weight
+            mu, lv = m.encoder(x_in)
+        mu, lv = mu.float(), lv.float()
+        if cfg.sleep_latent == "kl":
+            lv_t = torch.full_like(z, 2 * math.log(cfg.sleep_code_noise))
+            sleep = losses.kl_normal(z, lv_t, mu, lv, backend=cfg.backend) - f
+        else:
+            sleep = losses.sleep_loss(z, mu, lv, f, backend=cfg.backend)
+        if cfg.objective == "svae" and log_p is not None:
+            sleep = sleep + log_p
+        return sleep
+
+    # ------------------------------------------------------------------ optimisation
+    @contextlib.contextmanager
+    def _trainable(self, critic: bool) -> Iterator[None]:
+        """Only the phase's own parameters collect gradients (no critic weight-gradients in the
+        generator step); everything is trainable again afterwards."""
+        for p in self.c_params:
+            p.requires_grad_(critic)
+        for p in self.g_params:
+            p.requires_grad_(not critic)
+        try:
+            yield
+        finally:
+            for p in self.c_params + self.g_params:
+                p.requires_grad_(True)
+
+    def _optimize(self, opt: torch.optim.Optimizer, params: list[Tensor], closure: Callable[[], tuple[Tensor, Metrics]]) -> Metrics:
+        """Backward the closure's loss and step `opt`, skipping (and counting) non-finite steps."""
+        if not isinstance(opt, torch.optim.Adam):
+            # Variance-reduced optimizers re-evaluate the closure at their reference point
+            # (same batch and noise): they get the standard torch.optim closure.
+            box: dict[str, Metrics] = {}
+
+            def loss_closure() -> Tensor:
+                opt.zero_grad(set_to_none=True)
+                loss, box["m"] = closure()
+                loss.backward()
+                self._sync_grads(params)
+                return loss.detach()
+
+            loss = opt.step(loss_closure)
+            self.bad_steps += (~torch.isfinite(loss)).float()
+            return box["m"]
+        opt.zero_grad(set_to_none=True)
+        loss, metrics = closure()
+        loss.backward()
+        self._sync_grads(params)
+        found = (~torch.isfinite(loss.detach())).float().reshape(1)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
+        if self._device_skip:
+            opt.found_inf = found  # fused Adam: the kernel does nothing where found_inf is 1
+            opt.step()
+        elif not found.item():
+            opt.step()
+        self.bad_steps += found[0]
+        return metrics
+
+    def _sync_grads(self, params: list[Tensor]) -> None:
+        """Average gradients over the processes of a data-parallel run (one flat all-reduce)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    # ------------------------------------------------------------------ CUDA graph
+    def _capture(self, real: list[Tensor], n: int) -> _Graph:
+        """Capture a whole iteration with `n` critic steps. Warm-up iterations run on a side
+        stream (as torch.cuda.graphs requires) and their effect on the weights, optimizer states
+        and counters is undone before the capture, so training is not changed by it."""
+        inputs = [self._prepare(b).clone() for b in real]
+        saved = self._snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._iteration(inputs, n)
+        torch.cuda.current_stream().wait_stream(side)
+        self._restore(saved)
+        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_c.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self._iteration(inputs, n)
+        self._graphs[n] = _Graph(graph, inputs, outputs)
+        return self._graphs[n]
+
+    def _state_tensors(self) -> list[tuple[str, Tensor]]:
+        items = [("m." + k, v) for k, v in self.models.state_dict(keep_vars=True).items()]
+        for name, opt in (("g", self.opt_g), ("c", self.opt_c)):
+            for i, st in enumerate(opt.state.values()):
+                items += [(f"{name}{i}.{k}", v) for k, v in st.items() if isinstance(v, Tensor)]
+        return items + [("bad", self.bad_steps)]
+
+    def _snapshot(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self._state_tensors()}
+
+    @torch.no_grad()
+    def _restore(self, saved: dict[str, Tensor]) -> None:
+        for k, v in self._state_tensors():
+            if k in saved:
+                v.copy_(saved[k])
+            else:  # optimizer state the warm-up created: a fresh Adam has zeros (step 0)
+                v.zero_()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "models": self.models.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_c": self.opt_c.state_dict(),
+            "step": self.step_count,
+            "bad_steps": float(self.bad_steps),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.models.load_state_dict(state["models"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_c.load_state_dict(state["opt_c"])
+        self.step_count = int(state["step"])
+        self.bad_steps.fill_(state["bad_steps"])
+        self._graphs.clear()  # captured graphs point at the old optimizer state tensors

@@ -1,0 +1,387 @@
+"""`ehm-train`: train an Extended Helmholtz Machine (or a baseline) and leave a run folder.
+
+With no arguments it trains on the embedded digits data on whatever device is present. The run
+folder holds sample and reconstruction grids, loss.png, metrics.jsonl, summary.json, TensorBoard
+events (tb/) and checkpoint.pt (written atomically every --ckpt-every steps, at the end, and on
+SIGINT/SIGTERM). `--resume RUN_DIR_OR_FILE` continues a run exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, add_arguments, apply_overrides, from_dict, load_file, to_dict
+from .default_data import DataError, open_source
+from .models import EHMModels, check_image_size
+
+PROG = "ehm-train"
+USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError)
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many non-finite steps)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, no usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog=PROG,
+        description="Train an Extended Helmholtz Machine (VAE/GAN hybrid) on images. Options come from the "
+        "defaults, then --config FILE, then the flags given here.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) file of options (keys as below, "
+                   "with underscores)")
+    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint file or a run folder (its config, "
+                   "overridden by --config and flags, e.g. a larger --steps)")
+    add_arguments(p)
+    return p
+
+
+# ---------------------------------------------------------------------- set-up
+def _distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment (1 process without it)."""
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ConfigError("RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
+
+
+def _device(spec: str, local_rank: int, world_size: int) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device cuda asked for, but no CUDA device is available")
+        if world_size > 1:
+            device = torch.device("cuda", local_rank)
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    elif device.type != "cpu":
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    return device
+
+
+def build_models(cfg: TrainConfig, channels: int) -> EHMModels:
+    return EHMModels(
+        image_size=check_image_size(cfg.image_size),
+        channels=channels,
+        z_dim=cfg.z_dim,
+        width=cfg.width,
+        critic_width=cfg.critic_width,
+        norm=cfg.norm,
+        critic_norm=cfg.critic_norm,
+        share_weights=cfg.share_weights,
+        likelihood=cfg.likelihood,
+        log_scale=cfg.log_scale,
+        learn_scale=cfg.learn_scale,
+        scale_shape=cfg.scale_shape,
+        prior=cfg.prior,
+        vamp_components=cfg.vamp_components,
+    )
+
+
+def _run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    if resume is not None:
+        return resume.parent
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def load_models(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[EHMModels, TrainConfig]:
+    """All the networks of a checkpoint (eval mode) and its config."""
+    state = ckpt.load(path)
+    cfg = from_dict(state["config"])
+    models = build_models(cfg, state["channels"])
+    try:
+        models.load_state_dict(state["ehm"]["models"])
+    except RuntimeError as exc:
+        raise ckpt.CheckpointError(f"checkpoint {str(path)!r} does not match its own config: {str(exc).splitlines()[0]}") from None
+    return models.to(device).eval(), cfg
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+    """The decoder of a checkpoint (eval mode; decoder(z) gives images in [-1, 1] from z [n, z_dim]),
+    for FID tools. With prior=vamp draw z with `load_models(path)[0].sample_prior(n)` instead of N(0, I)."""
+    models, cfg = load_models(path, device)
+    return models.decoder, cfg
+
+
+# ---------------------------------------------------------------------- the run
+class Run:
+    """One training run: models, the EHM step, data, logging and checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, resume_state: dict[str, Any] | None, resume_path: Path | None) -> None:
+        self.rank, local_rank, self.world_size = _distributed()
+        if cfg.batch_size < self.world_size:
+            raise ConfigError(f"batch_size {cfg.batch_size} is smaller than the number of devices ({self.world_size})")
+        self.device = _device(cfg.device, local_rank, self.world_size)
+        self.cfg = cfg
+        self.main = self.rank == 0
+        per_rank = cfg.batch_size // self.world_size
+        torch.manual_seed(cfg.seed)
+        self.loader = open_source(
+            cfg.data, cfg.image_size, per_rank, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
+            device=self.device, channels=resume_state["channels"] if resume_state else 3,
+        )
+        self.channels = int(self.loader.channels)
+        if self.world_size > 1:
+            self._init_process_group()
+        self.models = build_models(cfg, self.channels).to(self.device)
+        from .ehm import EHM
+
+        self.ehm = EHM(self.models, cfg)
+        # A fixed batch and fixed noise for the grids, drawn without touching the training RNG.
+        start = self.loader.state_dict()
+        self.fixed_real = next(self.loader)[: min(32, per_rank)].clone()
+        self.loader.load_state_dict(start)
+        g = torch.Generator().manual_seed(cfg.seed + 12345)
+        eps, k = self.models.draw_prior_noise(cfg.n_samples, torch.device("cpu"), g)
+        self.fixed_noise = (eps.to(self.device), None if k is None else k.to(self.device))
+        if resume_state is not None:
+            self._restore(resume_state, resume_path)
+        else:
+            if self.models.prior is not None:
+                self.models.prior.init_from(self.fixed_real)
+            if self.world_size > 1:
+                torch.manual_seed(cfg.seed * 1000 + self.rank)  # different noise per process
+        self.run_dir = _run_dir(cfg, resume_path)
+        if resume_state is None and (self.run_dir / ckpt.CHECKPOINT_NAME).exists():
+            raise ConfigError(f"run folder {str(self.run_dir)!r} already holds a checkpoint: continue it with --resume "
+                              f"{self.run_dir}, or choose another --out")
+        self.stop_signal: int | None = None
+
+    def _init_process_group(self) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def _restore(self, state: dict[str, Any], path: Path | None) -> None:
+        try:
+            self.ehm.load_state_dict(state["ehm"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(path)!r} does not fit this configuration: {str(exc).splitlines()[0]}"
+            ) from None
+        self.loader.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])  # last: building the models above drew random numbers
+
+    # ------------------------------------------------------------------ outputs
+    def payload(self) -> dict[str, Any]:
+        return {
+            "config": to_dict(self.cfg),
+            "channels": self.channels,
+            "ehm": self.ehm.state_dict(),
+            "data": self.loader.state_dict(),
+            "rng": ckpt.rng_state(),
+            "step": self.ehm.step_count,
+            # bf16 autocast needs no loss scaling, so there is no GradScaler state to keep.
+            "amp": {"enabled": self.ehm.amp, "dtype": "bfloat16", "grad_scaler": None},
+            "world_size": self.world_size,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.main:
+            return None
+        return ckpt.save(self.run_dir / ckpt.CHECKPOINT_NAME, self.payload())
+
+    @torch.no_grad()
+    def save_grids(self, tag: str) -> None:
+        from .plots import save_grid, save_reconstructions
+
+        m = self.models
+        m.eval()
+        try:
+            samples = m.decoder(m.prior_latents(*self.fixed_noise))
+            mu, _ = m.encoder(self.fixed_real.contiguous(memory_format=self.ehm.memory_format))
+            recons = m.decoder(mu)
+        finally:
+            m.train()
+        save_grid(samples, self.run_dir / f"samples_{tag}.png", nrow=int(math.sqrt(samples.shape[0])) or 1)
+        save_reconstructions(self.fixed_real, recons, self.run_dir / f"reconstructions_{tag}.png", nrow=8)
+        if self.writer is not None:
+            from .plots import grid_array
+
+            self.writer.add_image("samples", grid_array(samples, 8), self.ehm.step_count, dataformats="HW" if samples.shape[1] == 1 else "HWC")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        cfg, ehm = self.cfg, self.ehm
+        self.writer = None
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics(ehm.step_count)
+            self.writer = _tensorboard(self.run_dir / "tb")
+            self._announce()
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._loop()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            if self.writer is not None:
+                self.writer.close()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signum  # acted on at the end of the current step
+
+    def _loop(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg, ehm = self.cfg, self.ehm
+        bar = tqdm(total=cfg.steps, initial=min(ehm.step_count, cfg.steps), disable=not self.main, dynamic_ncols=True,
+                   unit="step", file=sys.stderr)
+        images, t_last, t0, record = 0, time.perf_counter(), time.perf_counter(), {}
+        start = ehm.step_count
+        while ehm.step_count < cfg.steps and self.stop_signal is None:
+            n_batches = ehm.batches_needed()
+            metrics = ehm.step(self.loader)
+            images += n_batches * cfg.batch_size
+            s = ehm.step_count
+            bar.update(1)
+            if s % cfg.log_every == 0 or s == cfg.steps:
+                now = time.perf_counter()
+                record = self._log(s, metrics, images / max(now - t_last, 1e-9), bar)
+                images, t_last = 0, now
+            if self.main and (s % cfg.sample_every == 0 or s == cfg.steps):
+                self.save_grids(f"{s:06d}")
+            if s % cfg.ckpt_every == 0 and s != cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        wall = time.perf_counter() - t0
+        path = self.save_checkpoint()
+        summary = {"step": ehm.step_count, "steps_this_session": ehm.step_count - start, "seconds": round(wall, 2),
+                   "last": record, "checkpoint": str(path) if path else None,
+                   "stopped_by": signal.Signals(self.stop_signal).name if self.stop_signal else None}
+        if self.main:
+            self._finish(summary)
+        return summary
+
+    def _log(self, step: int, metrics: dict[str, torch.Tensor], images_per_s: float, bar: Any) -> dict[str, Any]:
+        values = {k: float(v) for k, v in metrics.items()}  # the one host sync, at log steps only
+        bad = values.get("bad_steps", 0.0)
+        if bad > self.cfg.max_bad_steps:
+            raise TrainingStopped(
+                f"stopped at step {step}: {int(bad)} optimizer steps had non-finite losses or gradients (limit "
+                f"--max-bad-steps {self.cfg.max_bad_steps}); the last checkpoint is kept. Try a lower --lr / --lr-critic "
+                "or --gp-weight, or --estimator jensen"
+            )
+        record = {"step": step, "time": round(time.time(), 3), "images_per_s": round(images_per_s, 1), **values}
+        util = _gpu_utilisation(self.device)
+        if util is not None:
+            record["gpu_util"] = util
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for k, v in record.items():
+                    if k not in ("step", "time") and math.isfinite(v):
+                        self.writer.add_scalar(k, v, step)
+            short = {"critic": values.get("critic_loss"), "gen": values.get("gen_loss"), "rec": values.get("rec_mse")}
+            post = {k: f"{v:.4g}" for k, v in short.items() if v is not None}
+            post["img/s"] = f"{images_per_s:.0f}"
+            if util is not None:
+                post["gpu%"] = util
+            bar.set_postfix(post, refresh=False)
+        return record
+
+    def _trim_metrics(self, step: int) -> None:
+        """On resume, drop records written after the checkpoint (that stretch is trained again)."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            from .plots import read_metrics
+
+            kept = [r for r in read_metrics(path) if r["step"] <= step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def _announce(self) -> None:
+        e, n = self.ehm, sum(p.numel() for p in self.models.parameters())
+        print(f"{PROG}: {self.cfg.objective} on {self.cfg.data} ({self.cfg.image_size}px, {self.channels} channel(s)), "
+              f"{n / 1e6:.2f}M parameters, device {self.device} (amp={e.amp}, channels_last={e.channels_last}, "
+              f"cuda_graph={e.cuda_graph}), run folder {self.run_dir}", file=sys.stderr)
+
+    def _finish(self, summary: dict[str, Any]) -> None:
+        from .plots import read_metrics, save_loss_plot
+
+        if self.ehm.step_count > 0:
+            self.save_grids("final")
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            save_loss_plot(read_metrics(metrics), self.run_dir / "loss.png")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        how = f"stopped by {summary['stopped_by']}" if summary["stopped_by"] else "done"
+        print(f"{PROG}: {how} at step {summary['step']}; checkpoint {summary['checkpoint']}; "
+              f"grids, loss.png and metrics.jsonl in {self.run_dir}", file=sys.stderr)
+
+
+def _tensorboard(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warnings.warn("tensorboard is not installed: no TensorBoard events (metrics.jsonl is still written)", stacklevel=2)
+        return None
+    return SummaryWriter(str(path))
+
+
+def _gpu_utilisation(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    try:
+        return int(torch.cuda.utilization(device))
+    except Exception:  # needs pynvml / NVML; absent on some machines
+        return None
+
+
+# ---------------------------------------------------------------------- entry point
+def configure(argv: list[str] | None = None) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
+    """Parse flags, config file and resumed checkpoint into (config, checkpoint state, its path)."""
+    args = build_parser().parse_args(argv)
+    state, path, cfg = None, None, TrainConfig()
+    if args.resume:
+        path = ckpt.resolve(args.resume)
+        state = ckpt.load(path)
+        # The run goes on in the checkpoint's folder unless --out says otherwise.
+        cfg = dataclasses.replace(from_dict(state["config"]), out=None)
+    if args.config:
+        cfg = apply_overrides(cfg, load_file(args.config), args.config)
+    names = {f for f in vars(args) if f not in ("config", "resume")}
+    return apply_overrides(cfg, {k: getattr(args, k) for k in names}, "command line"), state, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, state, path = configure(argv)
+        Run(cfg, state, path).train()
+    except USER_ERRORS as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingStopped as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
