@@ -92,33 +92,66 @@ def plain_runner(device, batch, width, *, fast: bool, gp: bool = True):
     return step, x, model.step
 
 
-def ehm_runner(device, batch, width, **overrides):
-    """ehm_fast's trainer step; overrides turn single speed features off."""
-    from ehm_fast.ehm import EHM  # noqa: F401  (the trainer; see ehm_fast/ehm.py)
+def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimizer: bool = True,
+               cuda_graph: bool | None = None, amp: bool | None = None, channels_last: bool | None = None,
+               lipschitz: str = "gp", optimizer: str = "adam"):
+    """ehm_fast's training step (ehm_fast.EHM) on the same networks; keyword arguments turn single
+    speed features off (None = the trainer's default on this device)."""
+    from ehm_fast.config import EHMConfig
+    from ehm_fast.ehm import EHM
+    from ehm_fast.models import EHMModels
 
-    raise NotImplementedError
+    torch.backends.cudnn.benchmark = True
+    models = EHMModels(image_size=64, channels=3, z_dim=100, width=width, critic_width=width, norm="batch",
+                       critic_norm="none").to(device)
+    cfg = EHMConfig(objective="ehm", estimator="importance", n_critic=1, lipschitz=lipschitz, optimizer=optimizer,
+                    backend="auto" if fused_losses else "torch", amp=amp, channels_last=channels_last,
+                    cuda_graph=cuda_graph if device.type == "cuda" else False)
+    step = EHM(models, cfg)
+    if not fused_optimizer and optimizer == "adam":
+        # torch's multi-tensor (foreach) Adam in place of the fused kernel
+        for name in ("opt_g", "opt_c"):
+            old = getattr(step, name)
+            setattr(step, name, torch.optim.Adam(old.param_groups[0]["params"], lr=cfg.lr, betas=cfg.betas,
+                                                 foreach=True, capturable=step.cuda_graph))
+        step._device_skip = False
+    x = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
+    return step.step, x, None
 
 
 def measure(name: str, make: Callable[[], tuple], device: torch.device, batch: int, iters: int,
-            peak_tflops: float) -> dict:
+            peak_tflops: float, flops: int) -> dict:
+    """Times one row; `flops` (of one iteration, counted once on the plain eager step) gives MFU."""
     row = {"row": name, "batch": batch}
     try:
         if device.type == "cuda":
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        run, x, eager_step = make()
+        run, x, _ = make()
         seconds = _time(lambda: run(x), device, iters)
-        row.update(ms=1e3 * seconds, images_s=batch / seconds)
+        row.update(ms=1e3 * seconds, images_s=batch / seconds, tflop_per_iter=flops / 1e12,
+                   mfu=flops / seconds / 1e12 / peak_tflops)
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        flops = count_flops(eager_step, x)
-        row["tflop_per_iter"] = flops / 1e12
-        row["mfu"] = flops / seconds / 1e12 / peak_tflops
-    except NotImplementedError:
-        row["error"] = "not implemented yet"
     except Exception as exc:  # report and go on: one failing row must not hide the others
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
     print(f"  {name:28s} batch {batch:5d}: " + (row.get("error") or f"{row['images_s']:.0f} img/s"), flush=True)
     return row
+
+
+ROWS: list[tuple[str, str, dict]] = [
+    ("1 plain", "plain", {"fast": False}),
+    ("2 plain+bf16+cl+graph", "plain", {"fast": True}),
+    ("3 ehm_fast", "ehm", {}),
+    ("4 ehm_fast -fused losses", "ehm", {"fused_losses": False}),
+    ("4 ehm_fast -fused optimizer", "ehm", {"fused_optimizer": False}),
+    ("4 ehm_fast -cuda graph", "ehm", {"cuda_graph": False}),
+    ("4 ehm_fast -bf16", "ehm", {"amp": False}),
+    ("4 ehm_fast -channels_last", "ehm", {"channels_last": False}),
+    ("5 ehm_fast weight clipping", "ehm", {"lipschitz": "clip"}),
+    ("5 ehm_fast svrg", "ehm", {"optimizer": "svrg"}),
+    ("5 ehm_fast storm", "ehm", {"optimizer": "storm"}),
+]
 
 
 def table(rows: list[dict]) -> str:
@@ -139,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="width 8, batch 4, 2 iterations (CPU smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", action="append", help="only rows whose name starts with this (e.g. 1, 3)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -149,13 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{device_name(device)}: matmul peak {peak:.2f} TFLOP/s (measured)", flush=True)
     rows = []
     for batch in batches:
-        group = [
-            measure("1 plain", lambda: plain_runner(device, batch, width, fast=False), device, batch, iters, peak),
-            measure("2 plain+bf16+cl+graph", lambda: plain_runner(device, batch, width, fast=True), device, batch,
-                    iters, peak),
-            measure("3 ehm_fast", lambda: ehm_runner(device, batch, width), device, batch, iters, peak),
-        ]
-        base = group[1].get("images_s")
+        _, x, eager_step = plain_runner(device, batch, width, fast=False)
+        flops = count_flops(eager_step, x)
+        group = []
+        for name, kind, kwargs in ROWS:
+            if args.rows and not any(name.startswith(r) for r in args.rows):
+                continue
+            runner = plain_runner if kind == "plain" else ehm_runner
+            make = lambda runner=runner, kwargs=kwargs: runner(device, batch, width, **kwargs)  # noqa: E731
+            group.append(measure(name, make, device, batch, iters, peak, flops))
+        base = next((r.get("images_s") for r in group if r["row"].startswith("2 ")), None)
         for r in group:
             if base and "images_s" in r:
                 r["x_plus"] = r["images_s"] / base
