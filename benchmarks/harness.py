@@ -6,12 +6,13 @@ benchmarks/bench_kernels.py times every implementation of every case.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -95,9 +96,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def rotating_inputs(make: Callable[[], tuple], bytes_per_set: int, l2_bytes: int = 64 << 20) -> "itertools.cycle":
+def rotating_inputs(make: Callable[[], tuple], bytes_per_set: int, l2_bytes: int = 64 << 20) -> Iterator[tuple]:
     """Enough independent input sets to cycle through 2x the L2 cache, so timings read from HBM."""
-    import itertools
-
     count = max(1, min(8, -(-2 * l2_bytes // max(bytes_per_set, 1))))
     return itertools.cycle([make() for _ in range(count)])
