@@ -79,17 +79,18 @@ def count_flops(step: Callable[[torch.Tensor], object], x: torch.Tensor) -> int:
     return Counter.total
 
 
-def plain_runner(device, batch, width, *, fast: bool, gp: bool = True):
+def plain_runner(device, batch, width, *, fast: bool, gp: bool = True, graph: bool | None = None):
+    """Row 1 (fast=False) or row 2 (fast=True: bf16 autocast, channels_last, a CUDA graph of the
+    whole iteration unless graph=False). Returns (run, x, eager step)."""
     torch.backends.cudnn.benchmark = True
     model = PlainEHM(device, width=width, amp=fast, channels_last=fast, gp_lambda=10.0 if gp else 0.0)
     x = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
     if fast:
         x = x.contiguous(memory_format=torch.channels_last)
-    step = model.step
-    if fast and device.type == "cuda":
+    if (fast if graph is None else graph) and device.type == "cuda":
         replay, _ = capture_cuda_graph(model.step, x)
         return replay, x, model.step
-    return step, x, model.step
+    return model.step, x, model.step
 
 
 def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimizer: bool = True,
