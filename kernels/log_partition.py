@@ -56,11 +56,12 @@ def _online_block(S, P, base, begin, end, HAS_P: tl.constexpr, JENSEN: tl.conste
 @triton.jit
 def _merge(m, s, JENSEN: tl.constexpr):
     """Reduce per-lane (max, sum) pairs to one; -inf lanes add nothing, NaN poisons the sum."""
-    if JENSEN:
-        return tl.max(m, axis=0), tl.sum(s, axis=0)
     top = tl.max(m, axis=0)
-    scaled = tl.where(m == float("-inf"), s * 0.0, s * tl.exp(m - top))
-    return top, tl.sum(scaled, axis=0)
+    if JENSEN:
+        total = tl.sum(s, axis=0)
+    else:  # no early return: the compiler type-checks the code after one
+        total = tl.sum(tl.where(m == float("-inf"), s * 0.0, s * tl.exp(m - top)), axis=0)
+    return top, total
 
 
 @triton.jit
