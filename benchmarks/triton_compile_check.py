@@ -15,6 +15,7 @@ of this machine (tested with 3.8) and its bundled ptxas; TRITON_INTERPRET must b
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -107,11 +108,12 @@ class Compiler:
 
 def _workloads(quick: bool) -> list[tuple[str, callable]]:
     """(label, thunk) pairs calling each wrapper at the sizes training and the benchmarks use."""
+    # sizes of 1 matter: triton specialises an int argument equal to 1 into a constexpr
     img = (64, 3 * 64 * 64) if not quick else (4, 300)
     big_img = (16384, 3 * 64 * 64) if not quick else (8, 300)
     code = (256, 100) if not quick else (4, 10)
-    lp = [(64, 64), (256, 1 << 20), (4, 1 << 20), (1, 100)] if not quick else [(4, 7), (1, 50000)]
-    vamp = [(256, 100, 500), (1024, 100, 500), (8, 2, 3), (64, 512, 50)] if not quick else [(4, 10, 5)]
+    lp = [(64, 64), (256, 1 << 20), (4, 1 << 20), (1, 100), (3, 1)] if not quick else [(4, 7), (1, 50000), (1, 1)]
+    vamp = [(256, 100, 500), (1024, 100, 500), (8, 2, 3), (64, 512, 50), (1, 1, 1)] if not quick else [(4, 10, 5), (1, 1, 1)]
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
     jobs = []
 
@@ -128,7 +130,7 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
                         K.log_partition_bwd(g, s, p, lse, jensen, True, p is not None)
                     jobs.append((f"log_partition {dt} {tuple(s.shape)} p={has_p} jensen={jensen}", run))
 
-        for rows, d in (img, big_img):
+        for rows, d in (img, big_img, (1, 1)):
             x = torch.empty(rows, d, dtype=dt)
             scale = torch.empty(d, dtype=torch.float64 if dt == torch.float64 else torch.float32)
             for kind in (0, 1, 2):
@@ -138,8 +140,8 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
                     K.image_nll_bwd(torch.empty(x.shape[0], dtype=x.dtype), x, x, ls, kind, True, True, True)
                 jobs.append((f"image_nll {dt} {tuple(x.shape)} kind={kind}", run))
 
-        a = torch.empty(*code, dtype=dt)
-        for kind in (0, 1, 2, 3):
+        for kind, shape in itertools.product((0, 1, 2, 3), (code, (1, 1))):
+            a = torch.empty(*shape, dtype=dt)
             def run(a=a, kind=kind):
                 b = a if kind != 1 else None
                 c = a if kind in (0, 3) else None
