@@ -9,7 +9,7 @@ Nothing runs: this catches compile errors and register spills, not wrong results
     python benchmarks/triton_compile_check.py [--arch 90] [--quick]
 
 Prints one line per distinct compiled specialisation and exits 1 if any failed. Needs the triton
-of this machine (tested with 3.8) and its bundled ptxas; TRITON_INTERPRET must be unset.
+of this machine (tested with 3.6 and 3.8) and its bundled ptxas; TRITON_INTERPRET must be unset.
 """
 
 from __future__ import annotations
