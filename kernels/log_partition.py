@@ -56,22 +56,24 @@ def _online_block(S, P, base, begin, end, HAS_P: tl.constexpr, JENSEN: tl.conste
 @triton.jit
 def _merge(m, s, JENSEN: tl.constexpr):
     """Reduce per-lane (max, sum) pairs to one; -inf lanes add nothing, NaN poisons the sum."""
-    if JENSEN:
-        return tl.max(m, axis=0), tl.sum(s, axis=0)
     top = tl.max(m, axis=0)
-    scaled = tl.where(m == float("-inf"), s * 0.0, s * tl.exp(m - top))
-    return top, tl.sum(scaled, axis=0)
+    if JENSEN:
+        total = tl.sum(s, axis=0)
+    else:  # no early return: the compiler type-checks the code after one
+        total = tl.sum(tl.where(m == float("-inf"), s * 0.0, s * tl.exp(m - top)), axis=0)
+    return top, total
 
 
 @triton.jit
 def _finish(OUT, LSE, row, top, total, M, JENSEN: tl.constexpr):
+    m_f = tl.zeros_like(total) + M  # not M.to(): M == 1 arrives as a constexpr int
     if JENSEN:
-        value = total / M
+        value = total / m_f
         tl.store(LSE + row, value)
     else:
         lse = top + tl.log(total)
         tl.store(LSE + row, lse)
-        value = lse - tl.log(M.to(total.dtype))
+        value = lse - tl.log(m_f)
     tl.store(OUT + row, value.to(OUT.dtype.element_ty))
 
 
@@ -86,7 +88,7 @@ def _lp_fwd_kernel(S, P, OUT, LSE, WS, M, R, per_split, splits, HAS_P: tl.conste
     m, s = _online_block(S, P, row * M, begin, end, HAS_P, JENSEN, F64, BLOCK)
     top, total = _merge(m, s, JENSEN)
     if splits == 1:
-        _finish(OUT, LSE, row, top, total, M.to(tl.int64), JENSEN)
+        _finish(OUT, LSE, row, top, total, M, JENSEN)
     else:
         tl.store(WS + pid, top)
         tl.store(WS + R * splits + pid, total)
@@ -100,7 +102,7 @@ def _lp_combine_kernel(WS, OUT, LSE, M, R, splits, JENSEN: tl.constexpr, BLOCK: 
     m = tl.load(WS + row * splits + idx, mask=mask, other=float("-inf"))
     s = tl.load(WS + R * splits + row * splits + idx, mask=mask, other=0.0)
     top, total = _merge(m, s, JENSEN)
-    _finish(OUT, LSE, row, top, total, M.to(tl.int64), JENSEN)
+    _finish(OUT, LSE, row, top, total, M, JENSEN)
 
 
 @triton.jit

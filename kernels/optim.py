@@ -52,9 +52,13 @@ def _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, P_TY: tl.const
 
 @triton.jit
 def _sqrt(x, F64: tl.constexpr):
+    # if/else, not an early return: the compiler still type-checks the code after a return
+    # (sqrt_rn rejects fp64), the interpreter does not
     if F64:
-        return tl.sqrt(x)  # IEEE-rounded for fp64
-    return tl.sqrt_rn(x)
+        r = tl.sqrt(x)  # IEEE-rounded for fp64
+    else:
+        r = tl.sqrt_rn(x)
+    return r
 
 
 @triton.jit
@@ -64,16 +68,19 @@ def _to_param(x, P_TY: tl.constexpr, BF16: tl.constexpr):
     if BF16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        out = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(x != x, x.to(tl.bfloat16), out)
-    return x.to(P_TY)
+        out = tl.where(x != x, x.to(tl.bfloat16), rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True))
+    else:
+        out = x.to(P_TY)
+    return out
 
 
 @triton.jit
 def _div(a, b, F64: tl.constexpr):
     if F64:
-        return a / b
-    return tl.div_rn(a, b)
+        r = a / b
+    else:
+        r = tl.div_rn(a, b)
+    return r
 
 
 @triton.jit

@@ -66,6 +66,15 @@ def test_image_nll_matches_reference(backend_device, poisoned, kind, scale):
     check_against_reference(kind, x, mean, ls, backend, 1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "bernoulli"])
+def test_image_nll_large_images(backend_device, kind):
+    """3x64x64 images: rows split over several forward programs (d > 1024 / 4096) and many column
+    blocks in the backward (d > 256)."""
+    backend, device = backend_device
+    x, mean, ls = image_inputs(kind, (3, 3, 64, 64), (3, 64, 64), device)  # a per-pixel log_scale
+    check_against_reference(kind, x, mean, ls, backend, 1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("batch", [1, 70])
 def test_image_nll_batch_sizes_and_reductions(backend_device, poisoned, batch, reduction):

@@ -142,6 +142,22 @@ def test_storm_direction_aliases_anchor(backend_device):
     torch.testing.assert_close(got["params"], want["params"], rtol=2e-6, atol=1e-6)
 
 
+def test_bucket_over_several_launches(backend_device):
+    """More chunks (> 320) and tensors (> 24) than one CUDA argument table holds: a tensor split
+    across two launches, followed by enough tensors to reuse its first table's slot."""
+    backend, device = backend_device
+    if device != "cuda":
+        pytest.skip("20M elements: a GPU case (the launch tables are a CUDA detail)")
+    shapes = [(5,)] * 3 + [(318 * CHUNK + 11,)] + [(7 + i,) for i in range(30)] + [(2 * CHUNK + 3,)]
+    base = _lists(shapes, torch.float32, device)
+    got, want = _clone(base), _clone(base)
+    kw = dict(alpha=0.6, step=2, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05)
+    F.cv_adam_(*got.values(), **kw, backend=backend)
+    F.cv_adam_(*want.values(), **kw, backend="torch")
+    _assert_params_close(got["params"], want["params"], torch.float32)
+    torch.testing.assert_close(got["exp_avg_sqs"], want["exp_avg_sqs"], rtol=1e-5, atol=1e-7)
+
+
 def test_channels_last_layout(backend_device):
     backend, device = backend_device
     shape = (3, 4, 5, 2)

@@ -130,6 +130,7 @@ void image_nll_fwd(DType dtype, ImageKind kind, const void* x, const void* m, co
 
 void image_nll_bwd(DType dtype, ImageKind kind, const void* grad, const void* x, const void* m, const void* s,
                    int64_t B, int64_t d, void* gx, void* gm, void* gs_partial, void* stream) {
+  if (B == 0 || d == 0) return;  // a grid of 0 columns is a launch error; nothing to write
   auto st = static_cast<cudaStream_t>(stream);
   const int64_t rows = image_rows_per_chunk(B, d);
   const dim3 grid(static_cast<unsigned>(cdiv(d, kThreads)), static_cast<unsigned>(cdiv(B, rows)));

@@ -163,6 +163,7 @@ int64_t log_partition_splits(int64_t R, int64_t M) {
 
 void log_partition_fwd(DType dtype, const void* s, const void* p, int64_t R, int64_t M, bool jensen, void* out,
                        void* lse, void* workspace, void* stream) {
+  if (R == 0) return;  // a launch of 0 blocks is an error
   auto st = static_cast<cudaStream_t>(stream);
   const int64_t splits = log_partition_splits(R, M);
   dispatch(dtype, [&](auto* tag) {

@@ -116,7 +116,7 @@ void for_each_table(const TensorLists& l, Launch launch) {
   int tensors = 0, blocks = 0;
   for (int64_t t = 0; t < l.n; ++t) {
     if (l.sizes[t] == 0) continue;
-    const int slot = tensors++;
+    int slot = tensors++;
     for (int k = 0; k < 7; ++k) tab.ptr[k][slot] = lists[k] ? const_cast<void*>(lists[k][t]) : nullptr;
     tab.size[slot] = l.sizes[t];
     const int64_t chunks = (l.sizes[t] + kOptimChunk - 1) / kOptimChunk;
@@ -133,6 +133,7 @@ void for_each_table(const TensorLists& l, Launch launch) {
         } else {  // the tensor goes on in the next table, in slot 0
           for (int k = 0; k < 7; ++k) tab.ptr[k][0] = tab.ptr[k][slot];
           tab.size[0] = tab.size[slot];
+          slot = 0;  // its remaining chunks must name slot 0, which the next tensors do not reuse
           tensors = 1;
         }
       }

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) vamp_bwd_z_kernel(const acc_t<T>* gr
   using A = acc_t<T>;
   __shared__ Stage<A> st;
   __shared__ A q[kTB][kTK];
-  extern __shared__ unsigned char dynamic[];
+  extern __shared__ __align__(16) unsigned char dynamic[];
   A* acc = reinterpret_cast<A*>(dynamic);  // [kTB][D] code gradients
   const int64_t b0 = blockIdx.x * int64_t(kTB);
   const int tb = threadIdx.x / kTK, tk = threadIdx.x % kTK;
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) vamp_bwd_k_kernel(const acc_t<T>* gr
   using A = acc_t<T>;
   __shared__ Stage<A> st;
   __shared__ A q[kTB][kTK];
-  extern __shared__ unsigned char dynamic[];
+  extern __shared__ __align__(16) unsigned char dynamic[];
   A* acc_mu = reinterpret_cast<A*>(dynamic);  // [kTK][D]
   A* acc_lv = acc_mu + kTK * D;               // [kTK][D]
   const int64_t k0 = blockIdx.x * int64_t(kTK), chunk = blockIdx.y;

@@ -1,0 +1,219 @@
+"""Compiles every Triton kernel of ehm_fast for a GPU target on a machine without a GPU.
+
+The wrappers of ehm_fast.kernels run on CPU tensors at training sizes; each `kernel[grid](...)`
+launch is intercepted, specialised by triton's own binder (argument types, constexprs, 16-byte
+alignment, ints equal to 1) and compiled with triton.compile for the target (sm_90 by default)
+instead of launched. ptxas -v (triton's own) then reports registers and spills of each kernel.
+Nothing runs: this catches compile errors and register spills, not wrong results.
+
+    python benchmarks/triton_compile_check.py [--arch 90] [--quick]
+
+Prints one line per distinct compiled specialisation and exits 1 if any failed. Needs the triton
+of this machine (tested with 3.6 and 3.8) and its bundled ptxas; TRITON_INTERPRET must be unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+from ehm_fast import kernels as K  # noqa: E402
+
+
+@dataclass
+class Result:
+    name: str
+    key: str
+    ok: bool
+    grid: tuple = ()
+    regs: int = -1
+    spill: str = ""
+    shared: int = 0
+    error: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class Compiler:
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+        self.backend = make_backend(self.target)
+        self.results: dict[str, Result] = {}
+        self.ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        self.arch = arch
+
+    def launch(self, fn: JITFunction, grid, args, kwargs) -> None:
+        grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+        binder = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options_, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization, options)
+        key = f"{fn.__name__}:{sorted(signature.items())}:{sorted((str(k), str(v)) for k, v in constexprs.items())}:" \
+              f"{sorted(attrs.items())}:{options_.num_warps}"
+        if key in self.results:
+            return
+        consts = {fn.arg_names[p[0]]: v for p, v in constexprs.items() if len(p) == 1}
+        first_ptr = next((v for v in signature.values() if str(v).startswith("*")), "")
+        res = Result(fn.__name__, f"{first_ptr} " + ", ".join(f"{k}={v}" for k, v in consts.items()), False, grid)
+        self.results[key] = res
+        for axis, size in enumerate(grid):
+            limit = 2**31 - 1 if axis == 0 else 65535
+            if int(size) > limit:
+                res.notes.append(f"grid[{axis}]={size} > {limit}")
+            if int(size) == 0:
+                res.notes.append(f"grid[{axis}] is 0")
+        try:
+            src = ASTSource(fn, signature, constexprs, attrs)
+            compiled = triton.compile(src, target=self.target, options=options_.__dict__)
+            res.shared = compiled.metadata.shared
+            res.regs, res.spill = self._ptxas_stats(compiled.asm["ptx"])
+            res.ok = True
+        except Exception as exc:  # report every failure, keep going
+            res.error = "".join(traceback.format_exception_only(type(exc), exc)).strip()[-3000:]
+
+    def _ptxas_stats(self, ptx: str) -> tuple[int, str]:
+        arch = f"sm_{self.arch}a" if self.arch >= 90 else f"sm_{self.arch}"
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        try:
+            out = subprocess.run([self.ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                 text=True).stderr
+        finally:
+            os.unlink(f.name)
+        regs = re.search(r"Used (\d+) registers", out)
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out)
+        stack = re.search(r"(\d+) bytes stack frame", out)
+        text = ""
+        if spill and (int(spill.group(1)) or int(spill.group(2))):
+            text = f"spill {spill.group(1)}/{spill.group(2)} B"
+        if stack and int(stack.group(1)):
+            text += f" stack {stack.group(1)} B"
+        return (int(regs.group(1)) if regs else -1), text.strip()
+
+
+def _workloads(quick: bool) -> list[tuple[str, callable]]:
+    """(label, thunk) pairs calling each wrapper at the sizes training and the benchmarks use."""
+    # sizes of 1 matter: triton specialises an int argument equal to 1 into a constexpr
+    img = (64, 3 * 64 * 64) if not quick else (4, 300)
+    big_img = (16384, 3 * 64 * 64) if not quick else (8, 300)
+    code = (256, 100) if not quick else (4, 10)
+    lp = [(64, 64), (256, 1 << 20), (4, 1 << 20), (1, 100), (3, 1)] if not quick else [(4, 7), (1, 50000), (1, 1)]
+    vamp = [(256, 100, 500), (1024, 100, 500), (8, 2, 3), (64, 512, 50), (1, 1, 1)] if not quick else [(4, 10, 5), (1, 1, 1)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+    jobs = []
+
+    for dt in dtypes:
+        lp_dt = lp + [(1, 2**31 + 5)] if dt == torch.bfloat16 and not quick else lp  # int64 sizes (never touched)
+        for rows, m in lp_dt:
+            s = torch.empty(rows, m, dtype=dt)
+            for has_p in (False, True):
+                for jensen in (False, True):
+                    p = torch.empty_like(s) if has_p else None
+
+                    def run(s=s, p=p, jensen=jensen):
+                        _, lse = K.log_partition_fwd(s, p, jensen)
+                        g = torch.empty(s.shape[0], dtype=s.dtype)
+                        K.log_partition_bwd(g, s, p, lse, jensen, True, p is not None)
+                    jobs.append((f"log_partition {dt} {tuple(s.shape)} p={has_p} jensen={jensen}", run))
+
+        for rows, d in (img, big_img, (1, 1)):
+            x = torch.empty(rows, d, dtype=dt)
+            scale = torch.empty(d, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            for kind in (0, 1, 2):
+                def run(x=x, scale=scale, kind=kind):
+                    ls = None if kind == 2 else scale
+                    K.image_nll_fwd(x, x, ls, kind)
+                    K.image_nll_bwd(torch.empty(x.shape[0], dtype=x.dtype), x, x, ls, kind, True, True, True)
+                jobs.append((f"image_nll {dt} {tuple(x.shape)} kind={kind}", run))
+
+        for kind, shape in itertools.product((0, 1, 2, 3), (code, (1, 1))):
+            a = torch.empty(*shape, dtype=dt)
+            def run(a=a, kind=kind):
+                b = a if kind != 1 else None
+                c = a if kind in (0, 3) else None
+                e = a if kind == 3 else None
+                base = torch.empty(a.shape[0], dtype=a.dtype)
+                K.code_nll_fwd(a, b, c, e, None, kind)
+                K.code_nll_fwd(a, b, c, e, base, kind)
+                K.code_nll_bwd(torch.empty(a.shape[0], dtype=a.dtype), a, b, c, e, kind, True, True, True, True)
+            jobs.append((f"code_nll {dt} {tuple(a.shape)} kind={kind}", run))
+
+        for rows, d, k in vamp:
+            z = torch.empty(rows, d, dtype=dt)
+            mu = torch.empty(k, d, dtype=dt)
+
+            def run(z=z, mu=mu):
+                _, lse = K.vamp_fwd(z, mu, mu, None)
+                K.vamp_fwd(z, mu, mu, torch.empty(z.shape[0], dtype=z.dtype))
+                K.vamp_bwd(torch.empty(z.shape[0], dtype=z.dtype), z, mu, mu, lse, True, True, True)
+                K.vamp_bwd(torch.empty(z.shape[0], dtype=z.dtype), z, mu, mu, lse, False, True, False)
+            jobs.append((f"vamp {dt} z={tuple(z.shape)} K={k}", run))
+
+        shapes = [(3, 5), (70000,), (1,)] if not quick else [(3, 5)]
+        params = [torch.empty(s, dtype=dt) for s in shapes]
+        st = torch.float64 if dt == torch.float64 else torch.float32
+        state = [torch.empty(s, dtype=st) for s in shapes]
+
+        def run_optim(params=params, state=state):
+            for cv in (False, True):
+                ref = params if cv else []
+                anc = state if cv else []
+                for dirs in ([], state):
+                    for wd, dec in ((0.0, False), (0.1, False), (0.1, True)):
+                        K.cv_adam_(params, params, ref, anc, state, state, dirs, 1.0, 3, 1e-3, 0.9, 0.999, 1e-8, wd,
+                                   dec)
+                    for mom, nest, first in ((0.0, False, False), (0.9, False, True), (0.9, True, False)):
+                        K.cv_sgd_(params, params, ref, anc, state if mom else [], dirs, 1.0, 0.1, mom, 0.0, 0.01,
+                                  nest, first)
+        jobs.append((f"optim {dt}", run_optim))
+    return jobs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (fewer specialisations)")
+    args = ap.parse_args()
+    comp = Compiler(args.arch)
+    original = JITFunction.__getitem__
+    JITFunction.__getitem__ = lambda fn, grid: (lambda *a, **kw: comp.launch(fn, grid, a, kw))
+    wrapper_errors = []
+    try:
+        for label, job in _workloads(args.quick):
+            try:
+                job()
+            except Exception as exc:
+                wrapper_errors.append(f"{label}: {type(exc).__name__}: {exc}")
+    finally:
+        JITFunction.__getitem__ = original
+    failed = 0
+    for res in comp.results.values():
+        status = "ok  " if res.ok else "FAIL"
+        failed += not res.ok
+        print(f"{status} {res.name:22s} regs={res.regs:3d} smem={res.shared:6d} {res.spill:24s} grid={res.grid} "
+              f"{res.key} {' '.join(res.notes)}")
+        if res.error:
+            print("     " + res.error.replace("\n", "\n     "))
+    for err in wrapper_errors:
+        print("WRAPPER ERROR", err)
+    print(f"{len(comp.results)} specialisations, {failed} failed, {len(wrapper_errors)} wrapper errors")
+    return 1 if failed or wrapper_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
