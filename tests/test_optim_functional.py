@@ -51,9 +51,11 @@ def test_adam_matches_reference(backend_device, dtype, decoupled):
         F.cv_adam_(*got.values(), **kw, out_directions=dirs_got, backend=backend)
         F.cv_adam_(*want.values(), **kw, out_directions=dirs_want, backend="torch")
     _assert_params_close(got["params"], want["params"], dtype)
+    # a bf16 parameter one ulp apart feeds weight decay: the fp32 state then differs by ~wd * ulp
+    rtol = 1e-5 if dtype == torch.float32 else 1e-3
     for k in ("exp_avgs", "exp_avg_sqs"):
-        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(dirs_got, dirs_want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=1e-7)
+    torch.testing.assert_close(dirs_got, dirs_want, rtol=rtol / 10, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,8 +71,8 @@ def test_sgd_matches_reference(backend_device, dtype, momentum, dampening, neste
         F.cv_sgd_(*got.values(), bufs_got, **kw, backend=backend)
         F.cv_sgd_(*want.values(), bufs_want, **kw, backend="torch")
     _assert_params_close(got["params"], want["params"], dtype)
-    if momentum:
-        torch.testing.assert_close(bufs_got, bufs_want, rtol=1e-5, atol=1e-6)
+    if momentum:  # see test_adam_matches_reference for the bf16 tolerance
+        torch.testing.assert_close(bufs_got, bufs_want, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-6)
 
 
 def _torch_optim(kind, params, **kw):
