@@ -164,8 +164,9 @@ class Run:
         w = self.world_size
         if cfg.batch_size % w:
             up = -(-cfg.batch_size // w) * w
+            near = f"{up - w} or {up}" if up > w else str(up)
             raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) does not divide among {w} processes: "
-                              f"use a multiple of {w}, e.g. --batch-size {max(w, up - w)} or {up}")
+                              f"use a multiple of {w}, e.g. --batch-size {near}")
         self.device = _device(cfg.device, local_rank, w)
         self.cfg = cfg
         self.main = self.rank == 0
@@ -234,7 +235,8 @@ class Run:
                     f"takes {per_rank} images of every batch, and every process resumes the saved random state; "
                     "the run matches an uninterrupted one up to floating-point summation order",
                     RuntimeWarning, stacklevel=2)
-            if "world_size" in data:  # ehm_fast.data loaders record the split: re-derive it
+            same_batch = data.get("batch_size", 0) * data.get("world_size", 0) == self.cfg.batch_size
+            if same_batch:  # ehm_fast.data loaders record the split: re-derive it (else they refuse)
                 data.update(world_size=self.world_size, rank=self.rank, batch_size=per_rank)
         try:
             self.loader.load_state_dict(data)
