@@ -37,9 +37,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
@@ -126,7 +124,7 @@ class EHM:
         self.uses_critic = cfg.objective != "vae"
         self.g_params = models.generator_parameters()
         self.c_params = [p for p in models.critic.parameters() if p.requires_grad]
-        snap = dict(snapshot_every=cfg.snapshot_every, snapshot_batches=cfg.snapshot_batches)
+        snap = {"snapshot_every": cfg.snapshot_every, "snapshot_batches": cfg.snapshot_batches}
         self.opt_g = make_optimizer(cfg.optimizer, self.g_params, cfg.lr, cfg.betas, self.device, self.cuda_graph, **snap)
         self.opt_c = make_optimizer(cfg.optimizer, self.c_params, cfg.lr_critic, cfg.betas, self.device, self.cuda_graph,
                                     **snap)
@@ -161,14 +159,14 @@ class EHM:
         dim of `shape` is the per-rank batch. One process draws exactly what it always did."""
         b, w = shape[0], self.world_size
         full = (w * b, *shape[1:])
-        draw = getattr(torch, kind)(*kw.pop("args", ()), full, device=self.device, **kw)
+        draw = getattr(torch, kind)(size=full, device=self.device, **kw)
         return draw if w == 1 else draw[self.rank * b:(self.rank + 1) * b]
 
     def _sample_prior(self, b: int) -> Tensor:
         eps = self._draw("randn", (b, self.models.encoder.z_dim))
         k = None
         if self.models.prior is not None:
-            k = self._draw("randint", (b,), args=(0, self.models.prior.pseudo_inputs.shape[0]))
+            k = self._draw("randint", (b,), high=self.models.prior.pseudo_inputs.shape[0])
         return self.models.prior_latents(eps, k)
 
     # ------------------------------------------------------------------ schedule

@@ -28,7 +28,15 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, add_arguments, apply_overrides, from_dict, load_file, to_dict
+from .config import (
+    ConfigError,
+    TrainConfig,
+    add_arguments,
+    apply_overrides,
+    from_dict,
+    load_file,
+    to_dict,
+)
 from .default_data import DataError, open_source
 from .models import EHMModels, check_image_size
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from dist_utils import run_ranks
+
 from ehm_fast import distributed, losses
 
 
