@@ -60,6 +60,9 @@ class EHMConfig:
     log_scale: float = opt(math.log(0.1), "initial log standard deviation (gaussian) or log scale (laplace)")
     learn_scale: bool = opt(True, "learn the decoder's log_scale (else it stays fixed)")
     optimizer: str = opt("adam", "adam (torch's fused Adam on a GPU), or svrg / storm from ehm_fast.optim", OPTIMIZERS)
+    snapshot_every: int = opt(100, "svrg: optimizer steps between snapshots (full-gradient estimates)")
+    snapshot_batches: int = opt(16, "svrg: batches averaged into each snapshot's mean gradient (drawn from the "
+                                "training data; with several processes, per process)")
     lr: float = opt(2e-4, "learning rate of the encoder and decoder")
     lr_critic: float = opt(2e-4, "learning rate of the critic")
     betas: tuple[float, float] = opt((0.5, 0.9), "Adam betas (both optimizers)")
@@ -69,6 +72,8 @@ class EHMConfig:
     channels_last: bool | None = opt(None, "channels_last memory format (default: on on a GPU)")
     cuda_graph: bool | None = opt(None, "capture each iteration in a CUDA graph (default: on on a GPU when the "
                                   "optimizer can skip a non-finite step on the device)")
+    local_log_partition: bool = opt(False, "with several processes, estimate the importance log-partition over each "
+                                    "process's own samples instead of the samples of all processes")
     max_bad_steps: int = opt(50, "stop after this many steps skipped for non-finite losses or gradients")
 
 
@@ -92,6 +97,8 @@ class TrainConfig(EHMConfig):
     scale_shape: str = opt("scalar", "log_scale per image (scalar) or per channel", ("scalar", "channel"))
     prior: str = opt("normal", "p(z): normal N(0, I) or vamp (VampPrior)", ("normal", "vamp"))
     vamp_components: int = opt(32, "pseudo-inputs K of the VampPrior")
+    sync_bn: bool = opt(False, "with several processes, BatchNorm statistics over the global batch (SyncBatchNorm; "
+                        "CUDA only)")
     out: str | None = opt(None, "run folder (default runs/<timestamp>)")
     log_every: int = opt(10, "steps between progress/TensorBoard/metrics.jsonl records")
     sample_every: int = opt(250, "steps between sample and reconstruction grids")
@@ -163,7 +170,8 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str) -> 
 
 def validate(config: TrainConfig) -> TrainConfig:
     positive = ("n_critic", "batch_size", "z_dim", "width", "critic_width", "log_every", "sample_every", "ckpt_every",
-                "n_samples", "vamp_components", "max_bad_steps")
+                "n_samples", "vamp_components", "max_bad_steps",
+                "snapshot_every", "snapshot_batches")
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")

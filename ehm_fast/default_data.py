@@ -4,7 +4,9 @@ Other specs (shards:, lsun:) go to `ehm_fast.data.open_data` when that module is
 A loader is an infinite iterator of [B, C, S, S] float batches in [-1, 1] on its device, with
 `state_dict()` / `load_state_dict()` holding (epoch, position) so a resumed run sees the very
 batches an uninterrupted one would. Each epoch is a fresh permutation drawn from (seed, epoch);
-with several processes each rank takes every world_size-th index of it.
+with several processes, global batch k is entries [k*B*W, (k+1)*B*W) of it and rank r takes the
+r-th B of them: the ranks read disjoint images, and together exactly what one process with batch
+B*W reads (so the position is the same whatever the number of processes).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class EpochLoader:
     def _epoch_order(self) -> Tensor:
         if self._order is None:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = torch.randperm(self.n_items, generator=g)[self.rank :: self.world_size]
+            self._order = torch.randperm(self.n_items, generator=g)
         return self._order
 
     def __iter__(self) -> "EpochLoader":
@@ -67,7 +69,7 @@ class EpochLoader:
     def __next__(self) -> Tensor:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        start = self.position * self.batch_size
+        start = (self.position * self.world_size + self.rank) * self.batch_size
         idx = self._epoch_order()[start : start + self.batch_size]
         self.position += 1
         return self.fetch(idx).to(self.device, non_blocking=True)

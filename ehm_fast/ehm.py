@@ -16,6 +16,13 @@ capture of a whole iteration (all critic steps and the generator step, optimizer
 in one CUDA graph per critic-step count. Steps whose loss or gradients are not finite are skipped
 and counted in `bad_steps`; with fused Adam on a GPU the skip happens on the device (Adam's
 `found_inf`), elsewhere by one host check per optimizer step.
+
+Data-parallel (torch.distributed initialised, e.g. under torchrun): each phase's parameters are
+wrapped in DistributedDataParallel, and each phase's whole loss (every network pass, the gradient
+penalty's double backward included) runs inside one DDP forward, so the reducer sees exactly one
+forward per backward and averages exactly the parameters that phase trains (docs/ddp.md says
+why). Every random draw is made for the global batch from a generator seeded alike on every rank,
+and each rank takes its slice: N ranks with batch B compute what one process with batch N*B does.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
 from .config import ConfigError, EHMConfig
@@ -41,9 +49,10 @@ Metrics = dict[str, Tensor]
 
 def make_optimizer(
     name: str, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], device: torch.device,
-    capturable: bool = False,
+    capturable: bool = False, snapshot_every: int = 100, snapshot_batches: int = 16,
 ) -> torch.optim.Optimizer:
-    """Adam (fused on a GPU), or SVRG/STORM from ehm_fast.optim (driven with a closure)."""
+    """Adam (fused on a GPU), or SVRG/STORM from ehm_fast.optim (driven with a closure; EHM
+    refreshes SVRG's snapshot itself when it is due)."""
     if name == "adam":
         if device.type == "cuda":
             return torch.optim.Adam(params, lr=lr, betas=betas, fused=True, capturable=capturable)
@@ -58,8 +67,23 @@ def make_optimizer(
         cls = getattr(eoptim, name.upper(), None)
         if cls is None:
             raise ConfigError(f"--optimizer {name}: ehm_fast.optim has no {name.upper()} class; use --optimizer adam")
+        if name == "svrg":
+            return cls(params, lr=lr, betas=betas, snapshot_every=snapshot_every, snapshot_batches=snapshot_batches)
         return cls(params, lr=lr, betas=betas)
     raise ConfigError(f"optimizer must be adam, svrg or storm, got {name!r}")
+
+
+class _Phase(nn.Module):
+    """What DDP wraps for one phase: exactly the parameters the phase trains (shared, no buffers);
+    forward runs the phase's loss closure, so a backward follows exactly one DDP forward however
+    many network passes (and autograd.grad calls) the loss makes."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.trained = nn.ParameterList(params)
+
+    def forward(self, closure: Callable[[], Any]) -> Any:
+        return closure()
 
 
 @dataclass
@@ -73,16 +97,22 @@ class EHM:
     """One training iteration of the EHM (or of the svae / vae / wgan-gp baselines) on `models`.
 
     `config` is an `EHMConfig` (a `TrainConfig` works too); keyword arguments override its fields.
+    `batch_source` (an iterator of batches, e.g. the training loader) feeds SVRG's snapshot
+    passes with fresh batches; without it a snapshot is taken on the current batch.
     """
 
-    def __init__(self, models: EHMModels, config: EHMConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, models: EHMModels, config: EHMConfig | None = None, *,
+                 batch_source: Iterator[Tensor] | None = None, **overrides: Any) -> None:
         cfg = dataclasses.replace(config or EHMConfig(), **overrides)
+        self.batch_source = batch_source
         self.cfg, self.models = cfg, models
         self.device = models.decoder.top_bias.device
         on_gpu = self.device.type == "cuda"
         self.amp = (on_gpu and torch.cuda.is_bf16_supported()) if cfg.amp is None else bool(cfg.amp)
         self.channels_last = on_gpu if cfg.channels_last is None else bool(cfg.channels_last)
-        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if distributed else 1
+        self.rank = dist.get_rank() if distributed else 0
         graph_ok = on_gpu and cfg.optimizer == "adam" and self.world_size == 1
         if cfg.cuda_graph and not graph_ok:
             why = "it needs a CUDA device" if not on_gpu else "it needs --optimizer adam on one process"
@@ -94,14 +124,50 @@ class EHM:
         self.uses_critic = cfg.objective != "vae"
         self.g_params = models.generator_parameters()
         self.c_params = [p for p in models.critic.parameters() if p.requires_grad]
-        self.opt_g = make_optimizer(cfg.optimizer, self.g_params, cfg.lr, cfg.betas, self.device, self.cuda_graph)
-        self.opt_c = make_optimizer(cfg.optimizer, self.c_params, cfg.lr_critic, cfg.betas, self.device, self.cuda_graph)
+        snap = {"snapshot_every": cfg.snapshot_every, "snapshot_batches": cfg.snapshot_batches}
+        self.opt_g = make_optimizer(cfg.optimizer, self.g_params, cfg.lr, cfg.betas, self.device, self.cuda_graph, **snap)
+        self.opt_c = make_optimizer(cfg.optimizer, self.c_params, cfg.lr_critic, cfg.betas, self.device, self.cuda_graph,
+                                    **snap)
+        # DDP per phase (built last: its constructor broadcasts rank 0's weights).
+        self.ddp_g = self._wrap(self._generator_trained()) if self.world_size > 1 else None
+        self.ddp_c = self._wrap(self.c_params) if self.world_size > 1 and self.uses_critic else None
         # Fused Adam skips a step on the device when its found_inf is 1: no host sync.
         self._device_skip = cfg.optimizer == "adam" and on_gpu
         self.step_count = 0  # generator steps done
         self.bad_steps = torch.zeros((), device=self.device)  # optimizer steps skipped (non-finite)
         self._one = torch.ones(1, device=self.device)
         self._graphs: dict[int, _Graph] = {}
+
+    # ------------------------------------------------------------------ data parallel
+    def _generator_trained(self) -> list[nn.Parameter]:
+        """The generator-phase parameters that receive a gradient: DDP must see every one of them
+        in each backward: the decoder alone for wgan-gp, which like a Bernoulli decoder leaves
+        log_scale out (find_unused_parameters would find them too, at a graph walk per step)."""
+        dec, wgan = self.models.decoder, self.cfg.objective == "wgan-gp"
+        params = [p for p in dec.parameters() if p.requires_grad] if wgan else self.g_params
+        if wgan or self.cfg.likelihood == "bernoulli":
+            params = [p for p in params if p is not dec.log_scale]
+        return params
+
+    def _wrap(self, params: list[nn.Parameter]) -> DistributedDataParallel:
+        # gradient_as_bucket_view stays off: SVRG/STORM keep one evaluation's gradients while the
+        # next backward runs, which bucket views would overwrite.
+        return DistributedDataParallel(_Phase(params), device_ids=None)
+
+    def _draw(self, kind: str, shape: tuple[int, ...], **kw: Any) -> Tensor:
+        """torch.randn / rand / randint (kind) for the global batch, this rank's slice: the first
+        dim of `shape` is the per-rank batch. One process draws exactly what it always did."""
+        b, w = shape[0], self.world_size
+        full = (w * b, *shape[1:])
+        draw = getattr(torch, kind)(size=full, device=self.device, **kw)
+        return draw if w == 1 else draw[self.rank * b:(self.rank + 1) * b]
+
+    def _sample_prior(self, b: int) -> Tensor:
+        eps = self._draw("randn", (b, self.models.encoder.z_dim))
+        k = None
+        if self.models.prior is not None:
+            k = self._draw("randint", (b,), high=self.models.prior.pseudo_inputs.shape[0])
+        return self.models.prior_latents(eps, k)
 
     # ------------------------------------------------------------------ schedule
     def n_critic_now(self) -> int:
@@ -168,9 +234,7 @@ class EHM:
     def _draw_noise(self, like: Tensor) -> Tensor:
         """Standard noise for one draw of p(x|z), drawn before a closure so that a re-evaluation
         (SVRG/STORM) sees the same draw: normal for gaussian, uniform(0, 1) otherwise."""
-        if self.cfg.likelihood == "gaussian":
-            return torch.randn(like.shape, device=like.device)
-        return torch.rand(like.shape, device=like.device)
+        return self._draw("randn" if self.cfg.likelihood == "gaussian" else "rand", tuple(like.shape))
 
     def _sample_x(self, out: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """x~ ~ p(x|z) (pathwise in `out` and log_scale) as an image in [-1, 1], and log p(x~|z)
@@ -191,21 +255,46 @@ class EHM:
         return x, -losses.laplace_nll(x, out, log_scale, backend=b)
 
     def _critic_step(self, x: Tensor) -> Metrics:
+        with self._trainable(critic=True):
+            metrics = self._optimize(self.opt_c, self.c_params, self._critic_closure(x), self.ddp_c,
+                                     lambda: self._critic_closure(self._fresh_batch(x)))
+        if self.cfg.lipschitz == "clip":
+            with torch.no_grad():
+                torch._foreach_clamp_min_(self.c_params, -self.cfg.clip_value)
+                torch._foreach_clamp_max_(self.c_params, self.cfg.clip_value)
+        return metrics
+
+    def _fresh_batch(self, x: Tensor) -> Tensor:
+        return x if self.batch_source is None else self._prepare(next(self.batch_source))
+
+    def _critic_loss(self, f_real: Tensor, f_fake: Tensor, log_p: Tensor | None) -> Tensor:
+        """-mean f(x) + log Z_hat; with several ranks the importance estimate's logsumexp runs over
+        the generated samples of every rank unless local_log_partition (the Jensen bound is a mean,
+        which DDP's averaging already makes global)."""
+        backend = self.cfg.backend
+        if self.estimator == "importance" and self.world_size > 1 and not self.cfg.local_log_partition:
+            from .distributed import global_log_partition
+
+            return -f_real.mean() + global_log_partition(f_fake.reshape(-1), log_p.reshape(-1), backend=backend)
+        proposal = log_p if self.estimator == "importance" else None
+        return losses.critic_loss(f_real, f_fake, proposal, estimator=self.estimator, backend=backend)
+
+    def _critic_closure(self, x: Tensor) -> Callable[[], tuple[Tensor, Metrics]]:
+        """The critic loss on batch `x`, with its fakes and noise drawn now (before the closure)."""
         m, cfg = self.models, self.cfg
         b = x.shape[0]
         noisy = self.estimator == "importance" or (cfg.objective != "wgan-gp" and cfg.sleep_noise)
         with torch.no_grad(), self._autocast():
-            z = m.sample_prior(b, device=self.device)
+            z = self._sample_prior(b)
             out = m.decoder.output(z)
             fake, log_p = self._sample_x(out, self._draw_noise(out) if noisy else None)
         fake = fake.to(x.dtype).contiguous(memory_format=self.memory_format)
-        e = torch.rand(b, 1, 1, 1, device=self.device, dtype=x.dtype)
+        e = self._draw("rand", (b, 1, 1, 1), dtype=x.dtype)
 
         def closure() -> tuple[Tensor, Metrics]:
             with self._autocast():
                 f_real, f_fake = m.critic(torch.cat([x, fake])).float().split(b)
-            proposal = log_p if self.estimator == "importance" else None
-            loss = losses.critic_loss(f_real, f_fake, proposal, estimator=self.estimator, backend=cfg.backend)
+            loss = self._critic_loss(f_real, f_fake, log_p)
             out = {"critic_loss": loss.detach(), "critic_gap": (f_real.mean() - f_fake.mean()).detach()}
             total = loss
             if cfg.lipschitz == "gp":
@@ -216,13 +305,7 @@ class EHM:
                 out["ess"] = losses.importance_weights(f_fake.detach(), log_p)[1]
             return total, out
 
-        with self._trainable(critic=True):
-            metrics = self._optimize(self.opt_c, self.c_params, closure)
-        if cfg.lipschitz == "clip":
-            with torch.no_grad():
-                torch._foreach_clamp_min_(self.c_params, -cfg.clip_value)
-                torch._foreach_clamp_max_(self.c_params, cfg.clip_value)
-        return metrics
+        return closure
 
     def _gradient_penalty(self, x: Tensor, fake: Tensor, e: Tensor) -> Tensor:
         x_hat = (e * x + (1 - e) * fake).requires_grad_(True)
@@ -233,11 +316,19 @@ class EHM:
         return (norm - 1).pow(2).mean()
 
     def _generator_step(self, x: Tensor) -> Metrics:
+        with self._trainable(critic=False):
+            metrics = self._optimize(self.opt_g, self.g_params, self._generator_closure(x), self.ddp_g,
+                                     lambda: self._generator_closure(self._fresh_batch(x)))
+        metrics["log_scale"] = self.models.decoder.log_scale.detach().float().mean()
+        return metrics
+
+    def _generator_closure(self, x: Tensor) -> Callable[[], tuple[Tensor, Metrics]]:
+        """The wake + sleep (or wgan-gp generator) loss on batch `x`, noise drawn now."""
         m, cfg = self.models, self.cfg
         b, obj = x.shape[0], cfg.objective
-        eps_wake = torch.randn(b, m.encoder.z_dim, device=self.device)
+        eps_wake = self._draw("randn", (b, m.encoder.z_dim))
         with torch.no_grad():
-            z_sleep = m.sample_prior(b, device=self.device).float()
+            z_sleep = self._sample_prior(b).float()
         noise_x = self._draw_noise(x) if cfg.sleep_noise and obj in ("ehm", "svae") else None
 
         def closure() -> tuple[Tensor, Metrics]:
@@ -256,10 +347,7 @@ class EHM:
             out["gen_loss"] = total.detach()
             return total, out
 
-        with self._trainable(critic=False):
-            metrics = self._optimize(self.opt_g, self.g_params, closure)
-        metrics["log_scale"] = m.decoder.log_scale.detach().float().mean()
-        return metrics
+        return closure
 
     def _prior_components(self) -> tuple[Tensor, Tensor] | str:
         m = self.models
@@ -334,31 +422,43 @@ class EHM:
             for p in self.c_params + self.g_params:
                 p.requires_grad_(True)
 
-    def _optimize(self, opt: torch.optim.Optimizer, params: list[Tensor], closure: Callable[[], tuple[Tensor, Metrics]]) -> Metrics:
-        """Backward the closure's loss and step `opt`, skipping (and counting) non-finite steps."""
+    def _optimize(
+        self, opt: torch.optim.Optimizer, params: list[Tensor], closure: Callable[[], tuple[Tensor, Metrics]],
+        ddp: DistributedDataParallel | None, fresh: Callable[[], Callable[[], tuple[Tensor, Metrics]]],
+    ) -> Metrics:
+        """Backward the closure's loss (through `ddp`, which averages the gradients over ranks) and
+        step `opt`, skipping (and counting) non-finite steps. `fresh()` gives the loss closure of a
+        new batch with new noise, for SVRG's snapshot passes."""
+
+        def run(fn: Callable[[], tuple[Tensor, Metrics]]) -> tuple[Tensor, Metrics]:
+            return fn() if ddp is None else ddp(fn)
+
         if not isinstance(opt, torch.optim.Adam):
-            # Variance-reduced optimizers re-evaluate the closure at their reference point
-            # (same batch and noise): they get the standard torch.optim closure.
+            # Variance-reduced optimizers re-evaluate the closure at their reference point (same
+            # batch and noise): each evaluation is a DDP forward/backward, so the reference
+            # gradients are averaged over ranks like the current ones and every rank keeps the same state.
+            if getattr(opt, "snapshot_due", False):
+                self._refresh_snapshot(opt, run, ddp, fresh)
             box: dict[str, Metrics] = {}
 
             def loss_closure() -> Tensor:
                 opt.zero_grad(set_to_none=True)
-                loss, box["m"] = closure()
+                loss, metrics = run(closure)
+                box.setdefault("m", metrics)  # the metrics at the current weights, not the replay's
                 loss.backward()
-                self._sync_grads(params)
                 return loss.detach()
 
             loss = opt.step(loss_closure)
-            self.bad_steps += (~torch.isfinite(loss)).float()
+            self.bad_steps += self._any_rank((~torch.isfinite(loss)).float().reshape(1))[0]
             return box["m"]
         opt.zero_grad(set_to_none=True)
-        loss, metrics = closure()
+        loss, metrics = run(closure)
         loss.backward()
-        self._sync_grads(params)
         found = (~torch.isfinite(loss.detach())).float().reshape(1)
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
+        found = self._any_rank(found)
         if self._device_skip:
             opt.found_inf = found  # fused Adam: the kernel does nothing where found_inf is 1
             opt.step()
@@ -367,16 +467,25 @@ class EHM:
         self.bad_steps += found[0]
         return metrics
 
-    def _sync_grads(self, params: list[Tensor]) -> None:
-        """Average gradients over the processes of a data-parallel run (one flat all-reduce)."""
-        if self.world_size == 1:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
+    def _refresh_snapshot(self, opt: Any, run: Callable, ddp: DistributedDataParallel | None,
+                          fresh: Callable[[], Callable[[], tuple[Tensor, Metrics]]]) -> None:
+        """SVRG's snapshot: the mean gradient over snapshot_batches fresh batches (the current one
+        again and again without a batch source). DDP's reduction is off there: SVRG sums the local
+        gradients and all-reduces the sum once."""
+
+        def snapshot_closure() -> Tensor:
+            loss, _ = run(fresh())
+            loss.backward()
+            return loss.detach()
+
+        with contextlib.nullcontext() if ddp is None else ddp.no_sync():
+            opt.refresh_snapshot(snapshot_closure, opt.snapshot_batches)
+
+    def _any_rank(self, flag: Tensor) -> Tensor:
+        """`flag` (1 = skip this step) maxed over ranks, so every rank skips the same steps."""
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag
 
     # ------------------------------------------------------------------ CUDA graph
     def _capture(self, real: list[Tensor], n: int) -> _Graph:

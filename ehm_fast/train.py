@@ -4,6 +4,10 @@ With no arguments it trains on the embedded digits data on whatever device is pr
 folder holds sample and reconstruction grids, loss.png, metrics.jsonl, summary.json, TensorBoard
 events (tb/) and checkpoint.pt (written atomically every --ckpt-every steps, at the end, and on
 SIGINT/SIGTERM). `--resume RUN_DIR_OR_FILE` continues a run exactly where it stopped.
+
+Under `torchrun --nproc_per_node N -m ehm_fast.train ...` it trains data-parallel (DDP; NCCL on
+GPUs, gloo on CPUs): --batch-size is the global batch, each process reads its own slice of every
+batch, and only rank 0 writes the run folder (docs/ddp.md).
 """
 
 from __future__ import annotations
@@ -21,9 +25,18 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, add_arguments, apply_overrides, from_dict, load_file, to_dict
+from .config import (
+    ConfigError,
+    TrainConfig,
+    add_arguments,
+    apply_overrides,
+    from_dict,
+    load_file,
+    to_dict,
+)
 from .default_data import DataError, open_source
 from .models import EHMModels, check_image_size
 
@@ -101,6 +114,28 @@ def build_models(cfg: TrainConfig, channels: int) -> EHMModels:
     )
 
 
+def _init_process_group(device: torch.device, world_size: int) -> str:
+    """The default process group (NCCL for CUDA, gloo for the CPU), or a check of one already set
+    up; returns its backend."""
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            if not dist.is_nccl_available():
+                raise ConfigError("this PyTorch build has no NCCL, which data-parallel training on GPUs needs; "
+                                  "use --device cpu (gloo) or a CUDA build of PyTorch")
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = str(dist.get_backend())
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("the process group uses NCCL, which only moves CUDA tensors, but this run is on the CPU: "
+                          "use --device cuda (one GPU per process) or a gloo process group")
+    if backend == "gloo" and device.type == "cuda":
+        warnings.warn("the process group uses gloo for CUDA tensors: it works, but NCCL (what torchrun with "
+                      "--device cuda sets up) is much faster", RuntimeWarning, stacklevel=2)
+    if dist.get_world_size() != world_size:
+        raise ConfigError(f"WORLD_SIZE is {world_size} but the process group has {dist.get_world_size()} processes")
+    return backend
+
+
 def _run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
     if cfg.out:
         return Path(cfg.out)
@@ -134,24 +169,26 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, resume_state: dict[str, Any] | None, resume_path: Path | None) -> None:
         self.rank, local_rank, self.world_size = _distributed()
-        if cfg.batch_size < self.world_size:
-            raise ConfigError(f"batch_size {cfg.batch_size} is smaller than the number of devices ({self.world_size})")
-        self.device = _device(cfg.device, local_rank, self.world_size)
+        w = self.world_size
+        if cfg.batch_size % w:
+            up = -(-cfg.batch_size // w) * w
+            near = f"{up - w} or {up}" if up > w else str(up)
+            raise ConfigError(f"batch_size {cfg.batch_size} (the global batch) does not divide among {w} processes: "
+                              f"use a multiple of {w}, e.g. --batch-size {near}")
+        self.device = _device(cfg.device, local_rank, w)
         self.cfg = cfg
         self.main = self.rank == 0
-        per_rank = cfg.batch_size // self.world_size
+        self.backend = _init_process_group(self.device, w) if w > 1 else None
+        per_rank = cfg.batch_size // w
+        # The same seed on every process: identical initial weights, and the step draws its noise
+        # for the global batch and takes this rank's slice, so the random state stays in step.
         torch.manual_seed(cfg.seed)
         self.loader = open_source(
             cfg.data, cfg.image_size, per_rank, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
             device=self.device, channels=resume_state["channels"] if resume_state else 3,
         )
         self.channels = int(self.loader.channels)
-        if self.world_size > 1:
-            self._init_process_group()
-        self.models = build_models(cfg, self.channels).to(self.device)
-        from .ehm import EHM
-
-        self.ehm = EHM(self.models, cfg)
+        self.models = self._sync_bn(build_models(cfg, self.channels).to(self.device))
         # A fixed batch and fixed noise for the grids, drawn without touching the training RNG.
         start = self.loader.state_dict()
         self.fixed_real = next(self.loader)[: min(32, per_rank)].clone()
@@ -159,24 +196,33 @@ class Run:
         g = torch.Generator().manual_seed(cfg.seed + 12345)
         eps, k = self.models.draw_prior_noise(cfg.n_samples, torch.device("cpu"), g)
         self.fixed_noise = (eps.to(self.device), None if k is None else k.to(self.device))
+        if resume_state is None and self.models.prior is not None:
+            self.models.prior.init_from(self.fixed_real)  # before EHM: DDP then broadcasts rank 0's
+        from .ehm import EHM
+
+        self.ehm = EHM(self.models, cfg, batch_source=self.loader)
         if resume_state is not None:
             self._restore(resume_state, resume_path)
-        else:
-            if self.models.prior is not None:
-                self.models.prior.init_from(self.fixed_real)
-            if self.world_size > 1:
-                torch.manual_seed(cfg.seed * 1000 + self.rank)  # different noise per process
         self.run_dir = _run_dir(cfg, resume_path)
         if resume_state is None and (self.run_dir / ckpt.CHECKPOINT_NAME).exists():
             raise ConfigError(f"run folder {str(self.run_dir)!r} already holds a checkpoint: continue it with --resume "
                               f"{self.run_dir}, or choose another --out")
         self.stop_signal: int | None = None
 
-    def _init_process_group(self) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+    def _sync_bn(self, models: EHMModels) -> EHMModels:
+        """BatchNorm over the global batch when --sync-bn asks for it and it can run."""
+        cfg = self.cfg
+        if not cfg.sync_bn:
+            return models
+        if cfg.norm != "batch" or self.world_size == 1:
+            if self.main:
+                why = f"--norm is {cfg.norm}" if cfg.norm != "batch" else "there is one process"
+                warnings.warn(f"--sync-bn has no effect: {why}", RuntimeWarning, stacklevel=2)
+            return models
+        if self.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only): on the CPU "
+                              "use --norm layer, or BatchNorm per process without --sync-bn")
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(models)
 
     def _restore(self, state: dict[str, Any], path: Path | None) -> None:
         try:
@@ -185,8 +231,27 @@ class Run:
             raise ckpt.CheckpointError(
                 f"checkpoint {str(path)!r} does not fit this configuration: {str(exc).splitlines()[0]}"
             ) from None
-        self.loader.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])  # last: building the models above drew random numbers
+        data, saved = dict(state["data"]), int(state.get("world_size", 1))
+        if saved != self.world_size:
+            # Positions count global batches, and the random state is the same on every process
+            # (noise is drawn for the global batch and sliced), so both carry over as they are.
+            per_rank = self.cfg.batch_size // self.world_size
+            if self.main:
+                warnings.warn(
+                    f"checkpoint {str(path)!r} was written by {saved} process(es), this run has {self.world_size}: "
+                    f"the global batch ({self.cfg.batch_size}) and the data position carry over, each process now "
+                    f"takes {per_rank} images of every batch, and every process resumes the saved random state; "
+                    "the run matches an uninterrupted one up to floating-point summation order",
+                    RuntimeWarning, stacklevel=2)
+            same_batch = data.get("batch_size", 0) * data.get("world_size", 0) == self.cfg.batch_size
+            if same_batch:  # ehm_fast.data loaders record the split: re-derive it (else they refuse)
+                data.update(world_size=self.world_size, rank=self.rank, batch_size=per_rank)
+        try:
+            self.loader.load_state_dict(data)
+        except (KeyError, ValueError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r}: its data position does not fit this run "
+                                       f"({str(exc).splitlines()[0]}); resume with the same --data and --batch-size") from None
+        ckpt.set_rng_state(state["rng"], self.device)  # last: building the models above drew random numbers
 
     # ------------------------------------------------------------------ outputs
     def payload(self) -> dict[str, Any]:
@@ -195,7 +260,7 @@ class Run:
             "channels": self.channels,
             "ehm": self.ehm.state_dict(),
             "data": self.loader.state_dict(),
-            "rng": ckpt.rng_state(),
+            "rng": ckpt.rng_state(self.device),
             "step": self.ehm.step_count,
             # bf16 autocast needs no loss scaling, so there is no GradScaler state to keep.
             "amp": {"enabled": self.ehm.amp, "dtype": "bfloat16", "grad_scaler": None},
@@ -255,10 +320,10 @@ class Run:
                    unit="step", file=sys.stderr)
         images, t_last, t0, record = 0, time.perf_counter(), time.perf_counter(), {}
         start = ehm.step_count
-        while ehm.step_count < cfg.steps and self.stop_signal is None:
+        while ehm.step_count < cfg.steps and not self._stop_requested():
             n_batches = ehm.batches_needed()
             metrics = ehm.step(self.loader)
-            images += n_batches * cfg.batch_size
+            images += n_batches * cfg.batch_size  # the global batch: images/s of the whole job
             s = ehm.step_count
             bar.update(1)
             if s % cfg.log_every == 0 or s == cfg.steps:
@@ -273,13 +338,35 @@ class Run:
         wall = time.perf_counter() - t0
         path = self.save_checkpoint()
         summary = {"step": ehm.step_count, "steps_this_session": ehm.step_count - start, "seconds": round(wall, 2),
+                   "world_size": self.world_size, "global_batch_size": cfg.batch_size,
                    "last": record, "checkpoint": str(path) if path else None,
                    "stopped_by": signal.Signals(self.stop_signal).name if self.stop_signal else None}
         if self.main:
             self._finish(summary)
         return summary
 
+    def _stop_requested(self) -> bool:
+        """A signal on any process stops every process after the same step (no rank left waiting
+        in a collective)."""
+        if self.world_size == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stop_signal is None:
+            self.stop_signal = int(flag.item())
+        return bool(flag.item())
+
+    def _global_mean(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Metrics averaged over the processes (each computed them on its own slice)."""
+        if self.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        flat = torch.stack([metrics[k].detach().float().reshape(()) for k in keys])
+        dist.all_reduce(flat)
+        return dict(zip(keys, (flat / self.world_size).unbind()))
+
     def _log(self, step: int, metrics: dict[str, torch.Tensor], images_per_s: float, bar: Any) -> dict[str, Any]:
+        metrics = self._global_mean(metrics)
         values = {k: float(v) for k, v in metrics.items()}  # the one host sync, at log steps only
         bad = values.get("bad_steps", 0.0)
         if bad > self.cfg.max_bad_steps:
@@ -320,7 +407,13 @@ class Run:
         e, n = self.ehm, sum(p.numel() for p in self.models.parameters())
         print(f"{PROG}: {self.cfg.objective} on {self.cfg.data} ({self.cfg.image_size}px, {self.channels} channel(s)), "
               f"{n / 1e6:.2f}M parameters, device {self.device} (amp={e.amp}, channels_last={e.channels_last}, "
-              f"cuda_graph={e.cuda_graph}), run folder {self.run_dir}", file=sys.stderr)
+              f"cuda_graph={e.cuda_graph}), {self._parallelism()}, run folder {self.run_dir}", file=sys.stderr)
+
+    def _parallelism(self) -> str:
+        w, b = self.world_size, self.cfg.batch_size
+        if w == 1:
+            return f"batch {b}"
+        return f"DDP over {w} processes ({self.backend}), global batch {b} = {w} x {b // w}"
 
     def _finish(self, summary: dict[str, Any]) -> None:
         from .plots import read_metrics, save_loss_plot

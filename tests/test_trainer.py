@@ -312,7 +312,7 @@ def test_batch_smaller_than_device_count(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     code, err = run_cli(train.main, [*TINY, "--batch-size", "2", "--out", str(tmp_path / "r")], capsys)
     assert_one_line_error(code, err)
-    assert "number of devices (4)" in err and not (tmp_path / "r").exists()
+    assert "does not divide among 4 processes" in err and "--batch-size 4" in err and not (tmp_path / "r").exists()
 
 
 def _snapshot(folder):
