@@ -1,12 +1,11 @@
-"""torch.distributed helpers: process-group setup under torchrun and the global log-partition estimate.
+"""torch.distributed helpers: the process group's view and the global log-partition estimate.
 
-`torchrun --nproc_per_node N -m ehm_fast.train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; without
-them everything runs as a single process and these helpers are no-ops.
+The trainer (`ehm_fast.train`) sets the process group up under torchrun; without one everything
+here runs as a single process.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 
@@ -30,39 +29,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def setup(device: str | torch.device | None = None, timeout_s: float = 600.0) -> tuple[DistInfo, torch.device]:
-    """Initialise the default process group when launched by torchrun (NCCL for CUDA, gloo for
-    CPU, chosen from the device) and return (info, this rank's device)."""
-    want_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if not launched_by_torchrun():
-        return DistInfo(), torch.device(device or ("cuda" if want_cuda else "cpu"))
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    if want_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("a CUDA device was asked for but this rank sees no GPU: NCCL needs one GPU per rank")
-        if info.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                "use --nproc_per_node <= the number of GPUs"
-            )
-        torch.cuda.set_device(info.local_rank)
-        run_device, backend = torch.device("cuda", info.local_rank), "nccl"
-    else:
-        run_device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return info, run_device
-
-
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def current() -> DistInfo:
