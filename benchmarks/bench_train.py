@@ -163,7 +163,8 @@ def table(rows: list[dict]) -> str:
             body.append([r["row"], str(r["batch"]), "n/a", "", "", "", r["error"][:50]])
             continue
         body.append([r["row"], str(r["batch"]), f"{r['images_s']:.0f}", f"{r['ms']:.2f}",
-                     f"{r.get('peak_gib', 0):.2f}", f"{r['mfu']:.1%}", f"{r.get('x_plus', 0):.2f}"])
+                     f"{r.get('peak_gib', 0):.2f}", f"{r['mfu']:.1%}",
+                     f"{r['x_plus']:.2f}" if "x_plus" in r else ""])
     return markdown_table(header, body)
 
 

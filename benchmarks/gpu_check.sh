@@ -26,7 +26,7 @@ python -c "import ehm_fast._C as C; assert C.with_cuda(), 'built without CUDA'; 
 echo "build: $(( $(date +%s) - start )) s"
 
 echo "== tests (CUDA and Triton-GPU paths included)"
-timeout 200 python -m pytest tests -q -p no:cacheprovider -m "not slow" > "$out/tests.log" 2>&1
+timeout 200 python -m pytest tests -q -p no:cacheprovider > "$out/tests.log" 2>&1
 echo "tests rc=$? after $(( $(date +%s) - start )) s"; grep -E "passed|failed|error" "$out/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -20
 
