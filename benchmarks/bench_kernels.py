@@ -100,14 +100,16 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"{device_name(device)}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
+    stem = "kernels" if not args.family else "kernels_" + "_".join(args.family)
     rows: list[dict] = []
     for module in discover(args.family):
         for case in module.cases(device, args.quick):
             print(f"  {case.family}: {case.name}", flush=True)
             rows.extend(measure(case, device, copy_gbs))
+            if not args.no_save:  # after every case, so a run cut short still leaves its results
+                paths = write_results(stem, device, [{"copy_gbs": copy_gbs}] + rows, table(rows))
     text = table(rows)
-    if not args.no_save:
-        paths = write_results("kernels", device, [{"copy_gbs": copy_gbs}] + rows, text)
+    if not args.no_save and rows:
         print(f"wrote {paths[0]} and {paths[1]}")
     print(f"\n{device_name(device)}, copy bandwidth {copy_gbs:.0f} GB/s\n{text}")
 

@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
             if base and "images_s" in r:
                 r["x_plus"] = r["images_s"] / base
         rows += group
+        if not args.no_save:  # after every batch size, so a run cut short still leaves its results
+            write_results("train", device, [{"matmul_peak_tflops": peak}] + rows, table(rows))
     text = table(rows)
     if not args.no_save:
         paths = write_results("train", device, [{"matmul_peak_tflops": peak}] + rows, text)
