@@ -25,9 +25,18 @@ void image_fwd(const T* x, const T* m, const acc_t<T>* s, int64_t B, int64_t d, 
     const int64_t r = task / chunks, begin = (task % chunks) * kChunk, end = std::min(d, begin + kChunk);
     const T* xr = x + r * d;
     const T* mr = m + r * d;
+    auto term = [&](int64_t j) {
+      return terms::image_term<K, A>(static_cast<A>(xr[j]), static_cast<A>(mr[j]), s ? s[j] : A(0));
+    };
+    // kLanes independent partial sums: the reduction vectorises without -ffast-math
+    constexpr int kLanes = 8;
+    A lanes[kLanes] = {};
+    int64_t j = begin;
+    for (; j + kLanes <= end; j += kLanes)
+      for (int k = 0; k < kLanes; ++k) lanes[k] += term(j + k);
     A sum = 0;
-    for (int64_t j = begin; j < end; ++j)
-      sum += terms::image_term<K, A>(static_cast<A>(xr[j]), static_cast<A>(mr[j]), s ? s[j] : A(0));
+    for (; j < end; ++j) sum += term(j);
+    for (int k = 0; k < kLanes; ++k) sum += lanes[k];
     parts[task] = sum;
   }
   for (int64_t r = 0; r < B; ++r) {

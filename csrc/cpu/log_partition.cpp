@@ -22,7 +22,7 @@ struct Partial {
 };
 
 // Adds a tile of x = s - p to the running (max, sum): a max pass, one rescale, then a sum of
-// exponentials that vectorises. -inf adds nothing, NaN poisons the sum.
+// exponentials. -inf adds nothing, NaN poisons the sum.
 template <typename T, typename A>
 inline void add_tile(Partial<A>& acc, const T* s, const T* p, int64_t n) {
   // kLanes independent partial maxima and sums: the reductions vectorise without -ffast-math.
@@ -43,10 +43,10 @@ inline void add_tile(Partial<A>& acc, const T* s, const T* p, int64_t n) {
     return;
   }
   for (int64_t i = 0; i < padded; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) lane_sum[j] += vexp(x[i + j] - top);
+    for (int j = 0; j < kLanes; ++j) lane_sum[j] += std::exp(x[i + j] - top);
   A sum = 0;
   for (int j = 0; j < kLanes; ++j) sum += lane_sum[j];
-  acc.s = acc.s * vexp(acc.m - top) + sum;  // acc.m = -inf: 0 * 0
+  acc.s = acc.s * std::exp(acc.m - top) + sum;  // acc.m = -inf: 0 * 0
   acc.m = top;
 }
 
@@ -117,7 +117,7 @@ void bwd(const acc_t<T>* grad, const T* s, const T* p, const acc_t<T>* lse, int6
       if (jensen || empty) {
         for (int64_t i = 0; i < n; ++i) d[i] = jensen ? g * inv_m : A(0);
       } else {
-        for (int64_t i = 0; i < n; ++i) d[i] = g * vexp(static_cast<A>(s[t + i]) - (p ? static_cast<A>(p[t + i]) : A(0)) - l);
+        for (int64_t i = 0; i < n; ++i) d[i] = g * std::exp(static_cast<A>(s[t + i]) - (p ? static_cast<A>(p[t + i]) : A(0)) - l);
       }
       if (gs)
         for (int64_t i = 0; i < n; ++i) gs[t + i] = static_cast<T>(d[i]);

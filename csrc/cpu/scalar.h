@@ -3,9 +3,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 
 #include "common.h"
@@ -29,26 +27,5 @@ void dispatch(DType dtype, F&& f) {
     case DType::BFloat16: f(static_cast<c10::BFloat16*>(nullptr)); break;
   }
 }
-
-// exp for float in a form the compiler vectorises (no libm call): 2^n * p(r) with
-// r = x - n ln2, |r| <= ln2/2, Cephes' polynomial, about 1 ulp. x < -87 gives 0 (so -inf -> 0),
-// NaN stays NaN. double uses std::exp.
-inline float vexp(float x) {
-  const float t = x * 1.44269504088896341f;
-  const float n = static_cast<float>(static_cast<int32_t>(t + (t >= 0.f ? 0.5f : -0.5f)));
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.f ? 0.f : (x > 88.f ? INFINITY : p * scale);
-}
-inline double vexp(double x) { return std::exp(x); }
 
 }  // namespace ehm::cpu
