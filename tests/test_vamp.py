@@ -67,7 +67,9 @@ def test_vamp_separated_components(backend_device):
     z, mu_k, logvar_k = vamp_inputs(6, 9, 4, device, spread=0.1)
     with torch.no_grad():
         mu_k.mul_(100)
-    check_vamp([z, mu_k, logvar_k], backend, 1e-5)
+    # log N reaches ~1e4 here: fp32 holds it to ~1e-3 absolute, so when two components nearly tie
+    # for a code their responsibilities (and the gradients) carry ~1e-4 relative error
+    check_vamp([z, mu_k, logvar_k], backend, 5e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
