@@ -28,10 +28,11 @@ def check_vamp(args, backend, tol, reduction="none"):
         assert rel_err(g, g64) < tol
 
 
-@pytest.mark.parametrize("batch,k,d", [(5, 7, 11), (1, 1, 3), (33, 20, 100), (3, 40, 1)])
-def test_vamp_matches_reference(backend_device, poisoned, batch, k, d):  # noqa: F811
+# D = 100 sums log-densities of ~1e2-1e3 in fp32: 1e-4 there, as for D = 600 below
+@pytest.mark.parametrize("batch,k,d,tol", [(5, 7, 11, 1e-5), (1, 1, 3, 1e-5), (33, 20, 100, 1e-4), (3, 40, 1, 1e-5)])
+def test_vamp_matches_reference(backend_device, poisoned, batch, k, d, tol):  # noqa: F811
     backend, device = backend_device
-    check_vamp(vamp_inputs(batch, k, d, device), backend, 1e-5)
+    check_vamp(vamp_inputs(batch, k, d, device), backend, tol)
 
 
 def test_vamp_large_code_size(backend_device, poisoned):  # noqa: F811
