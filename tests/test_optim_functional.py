@@ -112,7 +112,9 @@ def test_alpha_zero_is_torch_optim(backend_device, kind, with_cv):
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
         opt.step()
-    torch.testing.assert_close(ours, [p.detach() for p in theirs], rtol=2e-6, atol=1e-6)
+    # fp32 rounding of m / (sqrt(v) + eps) differs in the order of operations from torch's; where
+    # sqrt(v) is near eps that can move a rare element by ~1e-3 of one step (lr = 1e-2)
+    torch.testing.assert_close(ours, [p.detach() for p in theirs], rtol=2e-6, atol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
