@@ -140,6 +140,25 @@ def measure(name: str, make: Callable[[], tuple], device: torch.device, batch: i
     return row
 
 
+LOSS_KEYS = ("critic_loss", "critic_gap", "wake_loss", "sleep_loss", "gen_loss")
+
+
+def loss_agreement(device: torch.device, batch: int, width: int, iters: int = 3) -> dict:
+    """ehm_fast's defaults (bf16, channels_last, fused losses and optimizer; CUDA graph off, whose
+    warm-up advances the random stream) against every feature off (fp32 eager, reference losses,
+    torch's Adam, contiguous): the same initial weights, batch and random draws. Returns the
+    largest |a - b| / max(|b|, 1) of each loss over the first `iters` iterations."""
+    runs = []
+    for features in ({"cuda_graph": False}, {"cuda_graph": False, "amp": False, "channels_last": False,
+                                             "fused_losses": False, "fused_optimizer": False}):
+        torch.manual_seed(0)
+        run, x, _ = ehm_runner(device, batch, width, **features)
+        torch.manual_seed(1)
+        runs.append([{k: float(v) for k, v in run(x).items() if k in LOSS_KEYS} for _ in range(iters)])
+    fast, ref = runs
+    return {k: max(abs(a[k] - b[k]) / max(abs(b[k]), 1.0) for a, b in zip(fast, ref)) for k in ref[0]}
+
+
 ROWS: list[tuple[str, str, dict]] = [
     ("1 plain", "plain", {"fast": False}),
     ("2 plain+bf16+cl+graph", "plain", {"fast": True}),
@@ -183,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     iters = 2 if args.quick else args.iters
     peak = matmul_peak_tflops(device)
     print(f"{device_name(device)}: matmul peak {peak:.2f} TFLOP/s (measured)", flush=True)
+    agreement = loss_agreement(device, batches[0], width, iters=2 if args.quick else 3)
+    print(f"losses, defaults vs all features off (batch {batches[0]}, first iterations, max relative difference): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in agreement.items()), flush=True)
+    head = {"matmul_peak_tflops": peak, "loss_agreement": agreement}
     rows = []
     for batch in batches:
         _, x, eager_step = plain_runner(device, batch, width, fast=False)
@@ -200,10 +223,10 @@ def main(argv: list[str] | None = None) -> None:
                 r["x_plus"] = r["images_s"] / base
         rows += group
         if not args.no_save:  # after every batch size, so a run cut short still leaves its results
-            write_results("train", device, [{"matmul_peak_tflops": peak}] + rows, table(rows))
+            write_results("train", device, [head] + rows, table(rows))
     text = table(rows)
     if not args.no_save:
-        paths = write_results("train", device, [{"matmul_peak_tflops": peak}] + rows, text)
+        paths = write_results("train", device, [head] + rows, text)
         print(f"wrote {paths[0]} and {paths[1]}")
     print(f"\n{device_name(device)}, matmul peak {peak:.2f} TFLOP/s\n{text}")
 
