@@ -19,6 +19,8 @@ unset TRITON_INTERPRET
 start=$(date +%s)
 deadline=${DEADLINE:-540}
 elapsed() { echo $(( $(date +%s) - start )); }
+steps=" ${STEPS:-tests train profile log_partition likelihood optim data} "  # STEPS="tests train" runs only those
+want() { [[ $steps == *" $1 "* ]]; }
 
 step() {  # step <limit s> <log name> <command...>: runs within both its limit and the deadline
   local limit=$1 log=$2; shift 2
@@ -49,20 +51,33 @@ if ! step 200 build.log python -m pip install --no-build-isolation --no-deps -e 
   tail -40 "$logs/build.log"; exit 1
 fi
 python -c "import ehm_fast._C as C; assert C.with_cuda(), 'built without CUDA'; print('CUDA kernels built')" || exit 1
+# A C++ check that fails must reach Python as an exception, before and after CUDA and Triton start.
+for init in "" "torch.zeros(1, device='cuda')" "import triton; torch.zeros(1, device='cuda')"; do
+  python -X faulthandler -c "import torch; from ehm_fast import _C; $init
+p = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
+try: _C.cv_sgd_(p, [x.clone() for x in p], [], [], [], [], 0.0, 0.1, 0.0, 0.0, 0.0, False, False)
+except RuntimeError as e: print('C++ error raised as RuntimeError:', str(e).splitlines()[0][:80])" 2>&1 | tail -3
+  echo "  (init: ${init:-none}) rc=${PIPESTATUS[0]}"
+done
 
-# pytest-xdist spreads the Triton JIT compiles over the cores; without it the suite runs serially.
-par=(); python -c "import xdist" 2>/dev/null && par=(-n 12)
-step 150 tests.log python -m pytest tests -q -p no:cacheprovider "${par[@]}" --durations=10
-grep -E "passed|failed|error" "$logs/tests.log" | tail -2
-grep -E "^(FAILED|ERROR)" "$logs/tests.log" | head -25
+# pytest-xdist spreads the Triton JIT compiles over the cores (two threads per worker, not 16);
+# pytest-timeout names a test that hangs.
+opts=(-q -rfE --tb=short -p no:cacheprovider --durations=10)
+python -c "import xdist" 2>/dev/null && opts+=(-n 12)
+python -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 90)
+if want tests; then
+  step 170 tests.log env OMP_NUM_THREADS=2 python -X faulthandler -m pytest tests "${opts[@]}"
+  grep -E "passed|failed|error" "$logs/tests.log" | tail -2
+  grep -E "^(FAILED|ERROR)" "$logs/tests.log" | cut -c1-220 | head -25
+fi
 
 # Most important first; every benchmark saves its results as it goes, so a timeout keeps them.
-step 150 bench_train.log python benchmarks/bench_train.py --batch 256 --batch 64
-step 40 profile_train.log python benchmarks/profile_train.py --batch 256
-step 45 bench_log_partition.log python benchmarks/bench_kernels.py --family log_partition
-step 45 bench_likelihood.log python benchmarks/bench_kernels.py --family likelihood
-step 35 bench_optim.log python benchmarks/bench_kernels.py --family optim
-step 30 bench_data.log python benchmarks/bench_data.py --write
+want train && step 150 bench_train.log python benchmarks/bench_train.py --batch 256 --batch 64
+want profile && step 40 profile_train.log python benchmarks/profile_train.py --batch 256
+want log_partition && step 45 bench_log_partition.log python benchmarks/bench_kernels.py --family log_partition
+want likelihood && step 45 bench_likelihood.log python benchmarks/bench_kernels.py --family likelihood
+want optim && step 35 bench_optim.log python benchmarks/bench_kernels.py --family optim
+want data && step 30 bench_data.log python benchmarks/bench_data.py --write
 
 echo "== summary ($(elapsed) s)"
 today=$(date +%Y-%m-%d)

@@ -14,8 +14,8 @@ when you log). Every loss goes through `ehm_fast.losses`.
 Speed paths (each on by default on a GPU, off on the CPU): bf16 autocast, channels_last, and the
 capture of a whole iteration (all critic steps and the generator step, optimizer steps included)
 in one CUDA graph per critic-step count. Steps whose loss or gradients are not finite are skipped
-and counted in `bad_steps`; with fused Adam on a GPU the skip happens on the device (Adam's
-`found_inf`), elsewhere by one host check per optimizer step.
+and counted in `bad_steps`; with Adam (torch's fused kernel) the skip happens inside the kernel
+(its `found_inf`), with no host sync; SVRG/STORM check the loss on the host once per step.
 
 Data-parallel (torch.distributed initialised, e.g. under torchrun): each phase's parameters are
 wrapped in DistributedDataParallel, and each phase's whole loss (every network pass, the gradient
@@ -51,12 +51,10 @@ def make_optimizer(
     name: str, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], device: torch.device,
     capturable: bool = False, snapshot_every: int = 100, snapshot_batches: int = 16,
 ) -> torch.optim.Optimizer:
-    """Adam (fused on a GPU), or SVRG/STORM from ehm_fast.optim (driven with a closure; EHM
+    """Adam (torch's fused kernel), or SVRG/STORM from ehm_fast.optim (driven with a closure; EHM
     refreshes SVRG's snapshot itself when it is due)."""
     if name == "adam":
-        if device.type == "cuda":
-            return torch.optim.Adam(params, lr=lr, betas=betas, fused=True, capturable=capturable)
-        return torch.optim.Adam(params, lr=lr, betas=betas)
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True, capturable=capturable and device.type == "cuda")
     if name in ("svrg", "storm"):
         try:
             from . import optim as eoptim
@@ -131,11 +129,11 @@ class EHM:
         # DDP per phase (built last: its constructor broadcasts rank 0's weights).
         self.ddp_g = self._wrap(self._generator_trained()) if self.world_size > 1 else None
         self.ddp_c = self._wrap(self.c_params) if self.world_size > 1 and self.uses_critic else None
-        # Fused Adam skips a step on the device when its found_inf is 1: no host sync.
-        self._device_skip = cfg.optimizer == "adam" and on_gpu
+        # Fused Adam skips a step in its kernel when its found_inf is 1: no host sync.
+        self._device_skip = cfg.optimizer == "adam"
         self.step_count = 0  # generator steps done
         self.bad_steps = torch.zeros((), device=self.device)  # optimizer steps skipped (non-finite)
-        self._one = torch.ones(1, device=self.device)
+        self._one = torch.ones((), device=self.device)
         self._graphs: dict[int, _Graph] = {}
 
     # ------------------------------------------------------------------ data parallel
@@ -449,12 +447,13 @@ class EHM:
                 return loss.detach()
 
             loss = opt.step(loss_closure)
-            self.bad_steps += self._any_rank((~torch.isfinite(loss)).float().reshape(1))[0]
+            self.bad_steps += self._any_rank((~torch.isfinite(loss)).float())
             return box["m"]
         opt.zero_grad(set_to_none=True)
         loss, metrics = run(closure)
         loss.backward()
-        found = (~torch.isfinite(loss.detach())).float().reshape(1)
+        # 0-d like GradScaler's found_inf: fused Adam subtracts it in place from its 0-d step counts
+        found = (~torch.isfinite(loss.detach())).float()
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
@@ -464,7 +463,7 @@ class EHM:
             opt.step()
         elif not found.item():
             opt.step()
-        self.bad_steps += found[0]
+        self.bad_steps += found
         return metrics
 
     def _refresh_snapshot(self, opt: Any, run: Callable, ddp: DistributedDataParallel | None,
