@@ -3,6 +3,8 @@
 import math
 import os
 
+import torch
+
 from benchmarks import bench_data
 
 
@@ -10,4 +12,5 @@ def test_bench_data_quick_runs(capsys):
     rows = bench_data.main(["--quick", "--images", "40", "--batch-size", "8"])
     assert [r["what"].split(",")[0] for r in rows][:3] == ["torchvision-style per-item LMDB+PIL", "ehm-prepare", "ehm-prepare"]
     assert len(rows) == 5 + ((os.cpu_count() or 1) > 1) and all(math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0 for r in rows)
-    assert "| shard loader, ready batches on cpu |" in capsys.readouterr().out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"| shard loader, ready batches on {device} |" in capsys.readouterr().out

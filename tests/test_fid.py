@@ -113,7 +113,7 @@ def test_cli_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     decoder.z_dim = 4
     fake_train.load_generator = lambda path, device: (decoder, types.SimpleNamespace(prior="normal"))
     monkeypatch.setitem(sys.modules, "ehm_fast.train", fake_train)
-    assert fid.main(["--checkpoint", "c.pt", "--data", "digits", "--num-images", "20"]) == 2
+    assert fid.main(["--checkpoint", "c.pt", "--data", "digits", "--num-images", "20", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ehm-fid: error: Inception weights not found") and err.count("\n") == 1
     monkeypatch.setitem(sys.modules, "ehm_fast.train", None)  # no trainer in this installation
