@@ -51,14 +51,6 @@ if ! step 200 build.log python -m pip install --no-build-isolation --no-deps -e 
   tail -40 "$logs/build.log"; exit 1
 fi
 python -c "import ehm_fast._C as C; assert C.with_cuda(), 'built without CUDA'; print('CUDA kernels built')" || exit 1
-# A C++ check that fails must reach Python as an exception, before and after CUDA and Triton start.
-for init in "" "torch.zeros(1, device='cuda')" "import triton; torch.zeros(1, device='cuda')"; do
-  python -X faulthandler -c "import torch; from ehm_fast import _C; $init
-p = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
-try: _C.cv_sgd_(p, [x.clone() for x in p], [], [], [], [], 0.0, 0.1, 0.0, 0.0, 0.0, False, False)
-except RuntimeError as e: print('C++ error raised as RuntimeError:', str(e).splitlines()[0][:80])" 2>&1 | tail -3
-  echo "  (init: ${init:-none}) rc=${PIPESTATUS[0]}"
-done
 
 # pytest-xdist spreads the Triton JIT compiles over the cores (two threads per worker, not 16);
 # pytest-timeout names a test that hangs.
@@ -67,6 +59,7 @@ python -c "import xdist" 2>/dev/null && opts+=(-n 12)
 python -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout 90)
 if want tests; then
   step 170 tests.log env OMP_NUM_THREADS=2 python -X faulthandler -m pytest tests "${opts[@]}"
+  pkill -9 -f "execnet|xdist" 2>/dev/null  # workers of a timed-out run must not load the benchmarks
   grep -E "passed|failed|error" "$logs/tests.log" | tail -2
   grep -E "^(FAILED|ERROR)" "$logs/tests.log" | cut -c1-220 | head -25
 fi

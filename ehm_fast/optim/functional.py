@@ -57,8 +57,20 @@ def _check_scalar(name: str, value: float, low: float = 0.0, high: float | None 
         raise ValueError(f"{name} must be {bound}, got {value}")
 
 
-def _check_lists(lists: dict[str, Optional[TensorList]]) -> list[Tensor]:
-    """Checks every list against `params`; returns params as a list."""
+def _matching(items: TensorList, dtypes: list, shapes: list, devices: list, strides: list) -> bool:
+    """The fast path (a few list comprehensions, not a Python call per tensor): every entry is a
+    strided tensor with exactly its parameter's dtype, shape, device and strides."""
+    try:
+        return ([x.dtype for x in items] == dtypes and [x.shape for x in items] == shapes
+                and [x.device for x in items] == devices and [x.stride() for x in items] == strides
+                and all(x.layout == torch.strided for x in items))
+    except AttributeError:  # an entry that is not a tensor: the full check names it
+        return False
+
+
+def _check_lists(lists: dict[str, Optional[TensorList]]) -> tuple[list[Tensor], set[str]]:
+    """Checks every list against `params`; returns params as a list and the names of the lists
+    whose tensors have exactly their parameter's strides (no layout check needed for those)."""
     params = lists["params"]
     if isinstance(params, Tensor) or not isinstance(params, (list, tuple)):
         raise TypeError("params must be a list or tuple of tensors")
@@ -66,6 +78,12 @@ def _check_lists(lists: dict[str, Optional[TensorList]]) -> list[Tensor]:
     if lists.get("ref_grads") is None and lists.get("anchors") is not None or (
             lists.get("ref_grads") is not None and lists.get("anchors") is None):
         raise ValueError("ref_grads and anchors are given together (a control variate) or both None (plain gradient)")
+    exact: set[str] = set()
+    if all(isinstance(p, Tensor) and p.layout == torch.strided and p.dtype.is_floating_point for p in params):
+        exact.add("params")
+        dtypes = [p.dtype for p in params]
+        state = [state_dtype(d) for d in dtypes]
+        shapes, devices, strides = [p.shape for p in params], [p.device for p in params], [p.stride() for p in params]
     for name, items in lists.items():
         if items is None:
             continue
@@ -73,6 +91,12 @@ def _check_lists(lists: dict[str, Optional[TensorList]]) -> list[Tensor]:
             raise TypeError(f"{name} must be a list or tuple of tensors")
         if len(items) != len(params):
             raise ValueError(f"{name} has {len(items)} tensors, params has {len(params)}")
+        if name == "params" and "params" in exact:
+            continue
+        if "params" in exact and _matching(items, dtypes if name in ("grads", "ref_grads") else state, shapes,
+                                           devices, strides):
+            exact.add(name)
+            continue
         for i, (x, p) in enumerate(zip(items, params)):
             where = f"{name}[{i}]"
             if x is None and name == "momentum_buffers":
@@ -92,23 +116,34 @@ def _check_lists(lists: dict[str, Optional[TensorList]]) -> list[Tensor]:
                 raise ValueError(f"{where} must have the shape of params[{i}] {tuple(p.shape)}, got {tuple(x.shape)}")
             if x.device != p.device:
                 raise ValueError(f"{where} is on {x.device} but params[{i}] is on {p.device}")
-    return params
+    return params, exact
 
 
-def _buckets(params: list[Tensor], backend: Optional[str], lists: dict[str, Optional[TensorList]],
-             extra_key: Callable[[int], object] = lambda i: None) -> list[tuple[str, list[int]]]:
-    """Indices per (device, dtype, extra) bucket with the concrete backend of each; checks that the
-    compiled kernels can walk every tensor in memory order (dense, same strides as its parameter)."""
+def _buckets(params: list[Tensor], backend: Optional[str], lists: dict[str, Optional[TensorList]], exact: set[str],
+             extras: Optional[list] = None) -> list[tuple[str, list[int]]]:
+    """Indices per (device, dtype, extras[i]) bucket with the concrete backend of each; checks that
+    the compiled kernels can walk every tensor in memory order (dense, same strides as its
+    parameter; the lists in `exact` have their parameters' strides already)."""
+    keys = list(zip([p.device for p in params], [p.dtype for p in params], extras or [None] * len(params)))
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        groups[(p.device, p.dtype, extra_key(i))].append(i)
+    if keys and keys.count(keys[0]) == len(keys):  # the usual case: one bucket
+        groups[keys[0]] = list(range(len(keys)))
+    else:
+        for i, key in enumerate(keys):
+            groups[key].append(i)
     plan = []
     for (device, _, _), idx in groups.items():
         name = resolve(backend, device)
         if name != "torch":
+            if not all(params[i].is_contiguous() for i in idx):
+                for i in idx:
+                    if not _dense(params[i]):
+                        raise ValueError(f"params[{i}] must be dense for the {name!r} backend; use "
+                                         f"backend='torch' for other layouts")
+            others = [(k, items) for k, items in lists.items() if items is not None and k not in exact]
             for i in idx:
-                for list_name, items in lists.items():
-                    x = items[i] if items is not None else None
+                for list_name, items in others:
+                    x = items[i]
                     if x is None:
                         continue
                     if not _dense(x) or not _same_layout(x, params[i]):
@@ -168,7 +203,7 @@ def plan_adam(params: TensorList, grads: TensorList, ref_grads: Optional[TensorL
     check all its groups before touching any tensor)."""
     lists = {"params": params, "grads": grads, "ref_grads": ref_grads, "anchors": anchors, "exp_avgs": exp_avgs,
              "exp_avg_sqs": exp_avg_sqs, "out_directions": out_directions}
-    params = _check_lists(lists)
+    params, exact = _check_lists(lists)
     for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         _check_scalar(name, value)
     _check_scalar("beta1", beta1, 0.0, 1.0)
@@ -179,7 +214,7 @@ def plan_adam(params: TensorList, grads: TensorList, ref_grads: Optional[TensorL
     scalars = (float(alpha), step, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                bool(decoupled))
     launches = []
-    for name, idx in _buckets(params, backend, lists):
+    for name, idx in _buckets(params, backend, lists, exact):
         tensors = [_pick(lists[k], idx) for k in lists]
         launches.append(lambda fn=_impl(name).cv_adam_, tensors=tensors: fn(*tensors, *scalars))
     return _run_all(launches)
@@ -202,9 +237,9 @@ def plan_sgd(params: TensorList, grads: TensorList, ref_grads: Optional[TensorLi
         raise TypeError("momentum_buffers must be a list (None entries get new buffers) when momentum != 0")
     lists = {"params": params, "grads": grads, "ref_grads": ref_grads, "anchors": anchors,
              "momentum_buffers": momentum_buffers if has_buf else None, "out_directions": out_directions}
-    params = _check_lists(lists)
+    params, exact = _check_lists(lists)
     new = [has_buf and momentum_buffers[i] is None for i in range(len(params))]
-    plan = _buckets(params, backend, lists, new.__getitem__)
+    plan = _buckets(params, backend, lists, exact, new)
     if has_buf:
         for i, p in enumerate(params):
             if new[i]:
