@@ -59,7 +59,7 @@ class EHMConfig:
     likelihood: str = opt("gaussian", "decoder likelihood p(x|z)", ("gaussian", "laplace", "bernoulli"))
     log_scale: float = opt(math.log(0.1), "initial log standard deviation (gaussian) or log scale (laplace)")
     learn_scale: bool = opt(True, "learn the decoder's log_scale (else it stays fixed)")
-    optimizer: str = opt("adam", "adam (torch's fused Adam on a GPU), or svrg / storm from ehm_fast.optim", OPTIMIZERS)
+    optimizer: str = opt("adam", "adam (torch's fused Adam), or svrg / storm from ehm_fast.optim", OPTIMIZERS)
     snapshot_every: int = opt(100, "svrg: optimizer steps between snapshots (full-gradient estimates)")
     snapshot_batches: int = opt(16, "svrg: batches averaged into each snapshot's mean gradient (drawn from the "
                                 "training data; with several processes, per process)")
