@@ -7,7 +7,9 @@
 For each case: forward, backward (forward+backward minus forward) and forward+backward medians
 in microseconds, GB/s of the bytes that must move (each input read once, each output written
 once), the fraction of the device-to-device copy bandwidth measured in the same run, and the
-speedup against eager PyTorch and torch.compile of the reference. Writes JSON and markdown to
+speedup against eager PyTorch and torch.compile of the reference. On a GPU also the forward+
+backward (or step) replayed from CUDA graphs ("graph us"): the device time without the host's
+launch and dispatch costs, which dominate training-size ops in eager mode. Writes JSON and markdown to
 benchmarks/results/kernels_<device>_<date>.{json,md} and prints the table last.
 """
 
@@ -65,6 +67,12 @@ def measure(case: Case, device: torch.device, copy_gbs: float) -> list[dict]:
             row["total_us"] = total_us
         except Exception as exc:  # an implementation that cannot run here is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        if device.type == "cuda" and "error" not in row:
+            try:  # the same call replayed from CUDA graphs: device time alone
+                row["graph_us"] = graph_time_us(lambda: run(case.kind != "step"), device)
+                row["graph_copy_frac"] = nbytes / (row["graph_us"] * 1e-6) / 1e9 / copy_gbs
+            except Exception as exc:
+                row["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         rows.append(row)
     for ref in ("eager", "compile", "foreach", "for-loop"):
         base = next((r for r in rows if r["impl"] == ref and "total_us" in r), None)
@@ -77,16 +85,17 @@ def measure(case: Case, device: torch.device, copy_gbs: float) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     header = ["family", "case", "impl", "fwd us", "bwd us", "fwd+bwd / step us", "GB/s", "% copy",
-              "x eager", "x compile", "x foreach"]
+              "x eager", "x compile", "x foreach", "graph us", "% copy (graph)"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["family"], r["case"], r["impl"], "n/a", "", "", "", "", "", "", r["error"][:60]])
+            body.append([r["family"], r["case"], r["impl"], "n/a", "", "", "", "", "", "", r["error"][:60], "", ""])
             continue
         fmt = lambda k, f="{:.1f}": f.format(r[k]) if k in r else ""  # noqa: E731
         body.append([r["family"], r["case"], r["impl"], fmt("fwd_us"), fmt("bwd_us"), fmt("total_us"), fmt("gbs"),
                      fmt("copy_frac", "{:.0%}"), fmt("x_vs_eager", "{:.2f}"), fmt("x_vs_compile", "{:.2f}"),
-                     fmt("x_vs_foreach", "{:.2f}")])
+                     fmt("x_vs_foreach", "{:.2f}"), fmt("graph_us") or r.get("graph_error", "")[:40],
+                     fmt("graph_copy_frac", "{:.0%}")])
     return markdown_table(header, body)
 
 

@@ -76,7 +76,7 @@ echo "== summary ($(elapsed) s)"
 today=$(date +%Y-%m-%d)
 grep -h "copy bandwidth\|matmul peak" "$logs"/bench_*.log | head -2
 for f in benchmarks/results/kernels_*_"$today".md; do  # saved after every case: there even after a timeout
-  [ -f "$f" ] && grep -E "ehm:cuda|ehm:triton" "$f" | cut -d'|' -f2-4,7-11 | head -14
+  [ -f "$f" ] && grep -E "ehm:cuda|ehm:triton" "$f" | cut -d'|' -f3,4,7,9,10,11,13,14 | head -14
 done
 sed -n '/^| share of one/,/^$/p' "$logs/profile_train.log" | head -12
 grep -h "losses, defaults" "$logs/bench_train.log"

@@ -60,6 +60,26 @@ def median_time_us(fn: Callable[[], None], device: torch.device, warmup: int = 3
     return statistics.median(times)
 
 
+def graph_time_us(fn: Callable[[], None], device: torch.device, copies: int = 4) -> float:
+    """Median device time of fn replayed from CUDA graphs: the kernels without the host's launch
+    and dispatch costs (which dominate small ops in eager mode). One graph per call of fn at
+    capture, so a fn that rotates its inputs keeps rotating them between replays."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture: lazy init, autotuning, allocator pools
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs = []
+    for _ in range(copies):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        graphs.append(g)
+    cycle = itertools.cycle(graphs)
+    return median_time_us(lambda: next(cycle).replay(), device)
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), measured now."""
     n = nbytes // 4 if device.type == "cuda" else (nbytes // 16) // 4
