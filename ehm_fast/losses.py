@@ -96,7 +96,7 @@ def log_partition(
     p = None if log_proposal is None else log_proposal.to(dtype).expand(scores.shape).reshape(-1, m).contiguous()
     if s.shape[0] == 0:
         return s.new_empty(lead)
-    out, _ = _lp.log_partition_fwd(s, p, jensen, impl)
+    out, _ = _lp.log_partition(s, p, jensen, impl)
     return out.reshape(lead)
 
 

@@ -11,16 +11,19 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_for
+from .eager import eager, eager_op
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("ehm_fast::log_partition_fwd", mutates_args=())
-def log_partition_fwd(scores: Tensor, log_proposal: Optional[Tensor], jensen: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def _fwd(scores: Tensor, log_proposal: Optional[Tensor], jensen: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (estimate [R] in the input dtype, lse [R] in the accumulation dtype)."""
     return tuple(kernels_for(backend).log_partition_fwd(scores, log_proposal, jensen))
+
+
+log_partition_fwd = torch.library.custom_op("ehm_fast::log_partition_fwd", _fwd, mutates_args=())
 
 
 @log_partition_fwd.register_fake
@@ -29,8 +32,7 @@ def _(scores, log_proposal, jensen, backend):
     return scores.new_empty(rows), scores.new_empty(rows, dtype=_stat_dtype(scores.dtype))
 
 
-@torch.library.custom_op("ehm_fast::log_partition_bwd", mutates_args=())
-def log_partition_bwd(
+def _bwd(
     grad: Tensor,
     scores: Tensor,
     log_proposal: Optional[Tensor],
@@ -42,6 +44,9 @@ def log_partition_bwd(
 ) -> Tuple[Tensor, Tensor]:
     """Returns (grad_scores, grad_log_proposal); an unneeded one is an empty tensor."""
     return tuple(kernels_for(backend).log_partition_bwd(grad, scores, log_proposal, lse, jensen, need_scores, need_proposal))
+
+
+log_partition_bwd = torch.library.custom_op("ehm_fast::log_partition_bwd", _bwd, mutates_args=())
 
 
 @log_partition_bwd.register_fake
@@ -60,8 +65,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     scores, log_proposal, lse = ctx.saved_tensors
     need_s, need_p = ctx.needs_input_grad[0], log_proposal is not None and ctx.needs_input_grad[1]
-    gs, gp = log_partition_bwd(grad_out.contiguous(), scores, log_proposal, lse, ctx.jensen, need_s, need_p, ctx.backend)
+    bwd = _bwd if eager(ctx) else log_partition_bwd
+    gs, gp = bwd(grad_out.contiguous(), scores, log_proposal, lse, ctx.jensen, need_s, need_p, ctx.backend)
     return (gs if need_s else None), (gp if need_p else None), None, None
 
 
 log_partition_fwd.register_autograd(_backward, setup_context=_setup_context)
+log_partition = eager_op(log_partition_fwd, _fwd, _setup_context, _backward)

@@ -12,25 +12,27 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_for
+from .eager import eager, eager_op
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("ehm_fast::vamp_prior", mutates_args=())
-def vamp_prior(z: Tensor, mu_k: Tensor, logvar_k: Tensor, base: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+def _fwd(z: Tensor, mu_k: Tensor, logvar_k: Tensor, base: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """Returns (log K - lse + base [B] in z's dtype, lse [B] in the accumulation dtype)."""
     return tuple(kernels_for(backend).vamp_fwd(z, mu_k, logvar_k, base))
 
 
-@vamp_prior.register_fake
+vamp_prior_op = torch.library.custom_op("ehm_fast::vamp_prior", _fwd, mutates_args=())
+
+
+@vamp_prior_op.register_fake
 def _(z, mu_k, logvar_k, base, backend):
     return z.new_empty(z.shape[0]), z.new_empty(z.shape[0], dtype=acc_dtype(z.dtype))
 
 
-@torch.library.custom_op("ehm_fast::vamp_prior_bwd", mutates_args=())
-def vamp_prior_bwd(
+def vamp_prior_bwd_impl(
     grad: Tensor,
     z: Tensor,
     mu_k: Tensor,
@@ -43,6 +45,9 @@ def vamp_prior_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_z, grad_mu_k, grad_logvar_k); an unneeded one is an empty tensor."""
     return tuple(kernels_for(backend).vamp_bwd(grad, z, mu_k, logvar_k, lse, need_z, need_mu, need_logvar))
+
+
+vamp_prior_bwd = torch.library.custom_op("ehm_fast::vamp_prior_bwd", vamp_prior_bwd_impl, mutates_args=())
 
 
 @vamp_prior_bwd.register_fake
@@ -65,9 +70,11 @@ def _backward(ctx, grad_out, _grad_lse):
     need_z, need_mu, need_lv, need_base = ctx.needs_input_grad[:4]
     gz = gmu = glv = None
     if need_z or need_mu or need_lv:
-        gz, gmu, glv = vamp_prior_bwd(grad_out, z, mu_k, logvar_k, lse, need_z, need_mu, need_lv, ctx.backend)
+        bwd = vamp_prior_bwd_impl if eager(ctx) else vamp_prior_bwd
+        gz, gmu, glv = bwd(grad_out, z, mu_k, logvar_k, lse, need_z, need_mu, need_lv, ctx.backend)
     grad_base = grad_out.to(lse.dtype) if need_base else None
     return (gz if need_z else None), (gmu if need_mu else None), (glv if need_lv else None), grad_base, None
 
 
-vamp_prior.register_autograd(_backward, setup_context=_setup_context)
+vamp_prior_op.register_autograd(_backward, setup_context=_setup_context)
+vamp_prior = eager_op(vamp_prior_op, _fwd, _setup_context, _backward)
