@@ -29,7 +29,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ehm_fast.default_data import digits_images  # noqa: E402
+from ehm_fast.data import Digits  # noqa: E402
 from ehm_fast.train import load_models, main as train_main  # noqa: E402
 
 N_SAMPLES = 1000
@@ -43,6 +43,11 @@ def fit_classifier():
     clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=0)
     clf.fit(d.data / 16.0, d.target)
     return clf
+
+
+def digits_images(image_size: int) -> torch.Tensor:
+    """The training images as the trainer sees them: [1797, 1, S, S] in [-1, 1]."""
+    return torch.from_numpy(Digits(image_size, channels=1).images).float() / 127.5 - 1
 
 
 def to_features(images: torch.Tensor) -> np.ndarray:

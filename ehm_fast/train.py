@@ -37,10 +37,28 @@ from .config import (
     load_file,
     to_dict,
 )
-from .default_data import DataError, open_source
+from .data import open_data
 from .models import EHMModels, check_image_size
 
 PROG = "ehm-train"
+
+
+class DataError(ValueError):
+    """A data source that cannot be opened or read; the command line prints it as one line."""
+
+
+def open_training_data(spec: str, image_size: int, per_rank: int, *, seed: int, rank: int, world_size: int,
+                       device: torch.device, channels: int | None) -> Any:
+    """ehm_fast.data's loader for the trainer: digits in one channel (unless a checkpoint says
+    otherwise) and never mirrored, every other source RGB with random horizontal flips."""
+    digits = spec == "digits"
+    try:
+        return open_data(spec, image_size, seed=seed, rank=rank, world_size=world_size, batch_size=per_rank,
+                         device=device, channels=channels or (1 if digits else 3), flip=not digits)
+    except (ValueError, OSError) as exc:
+        raise DataError(str(exc).splitlines()[0]) from None
+
+
 USER_ERRORS = (ConfigError, DataError, ckpt.CheckpointError)
 
 
@@ -183,15 +201,19 @@ class Run:
         # The same seed on every process: identical initial weights, and the step draws its noise
         # for the global batch and takes this rank's slice, so the random state stays in step.
         torch.manual_seed(cfg.seed)
-        self.loader = open_source(
+        self.loader = open_training_data(
             cfg.data, cfg.image_size, per_rank, seed=cfg.seed, rank=self.rank, world_size=self.world_size,
-            device=self.device, channels=resume_state["channels"] if resume_state else 3,
+            device=self.device, channels=resume_state["channels"] if resume_state else None,
         )
         self.channels = int(self.loader.channels)
         self.models = self._sync_bn(build_models(cfg, self.channels).to(self.device))
         # A fixed batch and fixed noise for the grids, drawn without touching the training RNG.
         start = self.loader.state_dict()
-        self.fixed_real = next(self.loader)[: min(32, per_rank)].clone()
+        try:  # the first batch: a source none of whose images decodes fails here, before any output
+            self.fixed_real = next(self.loader)[: min(32, per_rank)].clone()
+        except (ValueError, OSError) as exc:
+            self.loader.close()
+            raise DataError(str(exc).splitlines()[0]) from None
         self.loader.load_state_dict(start)
         g = torch.Generator().manual_seed(cfg.seed + 12345)
         eps, k = self.models.draw_prior_noise(cfg.n_samples, torch.device("cpu"), g)
@@ -304,6 +326,7 @@ class Run:
         try:
             return self._loop()
         finally:
+            self.loader.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             if self.writer is not None:

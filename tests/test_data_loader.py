@@ -67,7 +67,7 @@ def test_batches_are_the_images_scaled_and_flipped():
 def test_every_epoch_is_a_permutation_split_disjointly_over_ranks():
     images = Numbered(43)
     ranks = [BatchLoader(images, 5, seed=11, rank=r, world_size=2, workers=1) for r in range(2)]
-    assert ranks[0].batches_per_epoch == 4  # 21 per rank, last partial batch dropped
+    assert ranks[0].batches_per_epoch == 4  # global batches of 10: the last 3 images dropped
     for epoch in range(3):
         seen = []
         for loader in ranks:
@@ -79,6 +79,23 @@ def test_every_epoch_is_a_permutation_split_disjointly_over_ranks():
     # the epochs differ in order
     assert not np.array_equal(ranks[0].batch_indices(0, 0)[0], ranks[0].batch_indices(1, 0)[0])
     for loader in ranks:
+        loader.close()
+
+
+def test_ranks_together_read_what_one_process_reads():
+    """Rank r's batch is the r-th slice of the global batch, flips included: 2 ranks of batch B
+    give exactly one process of batch 2B (the trainer's distributed-equivalence relies on it),
+    and a position saved by one resumes the other."""
+    images = Numbered(43)
+    one = BatchLoader(images, 10, seed=4, workers=1)
+    ranks = [BatchLoader(images, 5, seed=4, rank=r, world_size=2, workers=1) for r in range(2)]
+    for _ in range(6):  # crosses an epoch end (4 global batches per epoch)
+        torch.testing.assert_close(torch.cat([next(r) for r in ranks]), next(one), rtol=0, atol=0)
+    state = ranks[1].state_dict()
+    resumed = BatchLoader(images, 10, seed=0, workers=1)
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(next(resumed), next(one), rtol=0, atol=0)
+    for loader in (one, resumed, *ranks):
         loader.close()
 
 
@@ -109,7 +126,7 @@ def test_same_seed_same_stream_and_exact_resume():
 def test_bad_loader_state_is_refused():
     loader = BatchLoader(Numbered(30), 4, seed=5, workers=1)
     state = loader.state_dict()
-    with pytest.raises(ValueError, match="batch_size=4, this loader has 8"):
+    with pytest.raises(ValueError, match="global batch of 4 .* this loader has 8"):
         BatchLoader(Numbered(30), 8, seed=5).load_state_dict(state)
     with pytest.raises(ValueError, match="num_images=30, this loader has 31"):
         BatchLoader(Numbered(31), 4, seed=5).load_state_dict(state)
@@ -165,7 +182,7 @@ def test_open_data_errors(tmp_path):
         open_data(f"shards:{tmp_path}", 64, seed=0)
     with pytest.raises(FileNotFoundError, match="not found"):
         open_data(f"folder:{tmp_path / 'none'}", 64, seed=0)
-    with pytest.raises(ValueError, match="fewer than batch_size"):
+    with pytest.raises(ValueError, match="fewer than one batch of 1000 per process"):
         open_data("digits", 8, seed=0, batch_size=1000, world_size=2)
     with pytest.raises(ValueError, match="only available for digits"):
         open_data(f"shards:{tmp_path}", 64, seed=0, channels=1)

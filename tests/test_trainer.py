@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -282,21 +283,31 @@ def test_help_explains_every_option(capsys):
 def test_missing_data_folder(tmp_path, capsys):
     code, err = run_cli(train.main, [*TINY, "--data", f"folder:{tmp_path / 'missing'}", "--out", str(tmp_path / "r")], capsys)
     assert_one_line_error(code, err)
-    assert "does not exist" in err and not (tmp_path / "r").exists()
+    assert "not found" in err and not (tmp_path / "r").exists()
 
 
-def test_unreadable_image_in_data_folder(tmp_path, capsys):
+def test_folder_of_unreadable_images(tmp_path, capsys):
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "broken.png").write_bytes(b"not a png at all")
+    for i in range(8):
+        (tmp_path / "d" / f"broken{i}.png").write_bytes(b"not a png at all")
     code, err = run_cli(train.main, [*TINY, "--data", f"folder:{tmp_path / 'd'}", "--out", str(tmp_path / "r")], capsys)
     assert_one_line_error(code, err)
-    assert "cannot read image" in err
+    assert "decodes as an image" in err and not (tmp_path / "r").exists()
 
 
-def test_unknown_data_source(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ehm_fast.data", None)
+def test_too_few_images_for_one_batch(tmp_path, capsys):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "one.png")
+    code, err = run_cli(train.main, [*TINY, "--data", f"folder:{folder}", "--out", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err)
+    assert "fewer than one batch of 8" in err
+
+
+def test_unknown_data_source(tmp_path, capsys):
     code, err = run_cli(train.main, [*TINY, "--data", "imagenet", "--out", str(tmp_path / "r")], capsys)
     assert_one_line_error(code, err)
+    assert "unknown data spec 'imagenet'" in err
 
 
 def test_unsupported_image_size(tmp_path, capsys):

@@ -1,9 +1,12 @@
 """The training loader: random batches gathered by background threads, finished on the device.
 
-Every epoch is a permutation of all images drawn from (seed, epoch); rank r of a world of w takes
-every w-th entry of it (so ranks see disjoint images, the same number each), in batches of
-`batch_size` (the last partial batch is dropped). Batch k of epoch e depends on (seed, e, k, rank)
-only, so the stream is reproducible and `load_state_dict` resumes it at the exact batch.
+Every epoch is a permutation of all images drawn from (seed, epoch), cut into global batches of
+`batch_size` x world_size images (the last partial one is dropped); each global batch is sorted
+(reads in storage order) and rank r takes its r-th slice of `batch_size`. Ranks see disjoint
+images, and together exactly what one process with the global batch sees, flips included: a
+position (epoch, batch) means the same data whatever the number of ranks. Batch k of epoch e
+depends on (seed, e, k) only, so the stream is reproducible and `load_state_dict` resumes it at
+the exact batch, also with another number of ranks that keeps the global batch.
 
 Threads gather uint8 images into a ring of host buffers (pinned when the device is CUDA; numpy's
 copies release the GIL); the main thread copies a buffer to the GPU with non_blocking=True and
@@ -64,11 +67,12 @@ class BatchLoader:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.flip = flip
-        self.per_rank = len(images) // world_size
-        self.batches_per_epoch = self.per_rank // batch_size
+        self.global_batch = batch_size * world_size
+        self.batches_per_epoch = len(images) // self.global_batch
         if self.batches_per_epoch == 0:
             raise ValueError(
-                f"{len(images)} images over {world_size} ranks leave {self.per_rank} per rank, fewer than batch_size={batch_size}"
+                f"the data has {len(images)} images, fewer than one batch of {batch_size} per process "
+                f"({world_size} process(es)); lower the batch size"
             )
         self.epoch, self.batch = 0, 0  # position of the next batch returned
         self._plan_epoch, self._plan = -1, np.empty(0, dtype=np.int64)
@@ -96,16 +100,18 @@ class BatchLoader:
         return len(self.images)
 
     # -- the plan -------------------------------------------------------------------------------
-    def _rank_indices(self, epoch: int) -> np.ndarray:
+    def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._plan_epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-            self._plan, self._plan_epoch = perm[self.rank :: self.world_size][: self.per_rank], epoch
+            self._plan = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
+            self._plan_epoch = epoch
         return self._plan
 
     def batch_indices(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(image indices sorted ascending, flip mask) of batch `batch` of `epoch` on this rank."""
-        idx = np.sort(self._rank_indices(epoch)[batch * self.batch_size : (batch + 1) * self.batch_size])
-        flips = np.random.default_rng([self.seed, epoch, batch, self.rank]).random(self.batch_size) < 0.5
+        """(image indices, ascending, and flip mask) of batch `batch` of `epoch` on this rank."""
+        g = self.global_batch
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        idx = np.sort(self._epoch_order(epoch)[batch * g : (batch + 1) * g])[mine]
+        flips = np.random.default_rng([self.seed, epoch, batch]).random(g)[mine] < 0.5
         return idx, flips & self.flip
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -140,7 +146,10 @@ class BatchLoader:
 
     def _drain(self) -> None:
         while self._inflight:
-            result = self._inflight.popleft().result()
+            try:
+                result = self._inflight.popleft().result()
+            except Exception:  # noqa: BLE001 - a batch being thrown away; __next__ reports such errors
+                continue
             if self._on_cuda:
                 self._free.put((result[0], None))
 
@@ -168,12 +177,17 @@ class BatchLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resumes at the saved position (same data, batch size and world size required; the
-        seed is taken from the state so a resumed run continues the same stream)."""
-        for key in ("num_images", "batch_size", "world_size"):
-            mine = len(self.images) if key == "num_images" else getattr(self, key)
-            if state.get(key) != mine:
-                raise ValueError(f"loader state has {key}={state.get(key)}, this loader has {mine}")
+        """Resumes at the saved position (the same data and global batch required, on any number
+        of ranks; the seed is taken from the state so a resumed run continues the same stream)."""
+        if state.get("num_images") != len(self.images):
+            raise ValueError(f"loader state has num_images={state.get('num_images')}, this loader has {len(self.images)}")
+        saved = state.get("batch_size", 0) * state.get("world_size", 1)
+        if saved != self.global_batch:
+            raise ValueError(
+                f"loader state has a global batch of {saved} (batch_size={state.get('batch_size')} x "
+                f"{state.get('world_size')} ranks), this loader has {self.global_batch} "
+                f"(batch_size={self.batch_size} x {self.world_size})"
+            )
         if not 0 <= state["batch"] < self.batches_per_epoch or state["epoch"] < 0:
             raise ValueError(f"loader state position (epoch {state['epoch']}, batch {state['batch']}) is out of range")
         self._drain()
