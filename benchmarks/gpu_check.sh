@@ -21,8 +21,8 @@ deadline=${DEADLINE:-540}
 elapsed() { echo $(( $(date +%s) - start )); }
 # STEPS="tests train" runs only those; all of them take longer than one call: on an H100 the build
 # took 60 s, the suite 60 s and bench_train at two batch sizes 90 s, so split them, e.g.
-# STEPS="tests train profile trainer", then STEPS="log_partition likelihood optim data".
-steps=" ${STEPS:-tests train profile trainer log_partition likelihood optim data} "
+# STEPS="tests train profile trainer cpp_probe", then STEPS="log_partition likelihood optim data".
+steps=" ${STEPS:-tests train profile trainer cpp_probe log_partition likelihood optim data} "
 want() { [[ $steps == *" $1 "* ]]; }
 
 step() {  # step <limit s> <log name> <command...>: runs within both its limit and the deadline
@@ -71,6 +71,7 @@ fi
 want train && step 150 bench_train.log python benchmarks/bench_train.py --batch 256 --batch 64
 want profile && step 40 profile_train.log python benchmarks/profile_train.py --batch 256
 want trainer && step 60 trainer.log python -m ehm_fast.train --steps 200 --log-every 50 --out /tmp/ehm_gpu_run
+want cpp_probe && step 90 cpp_probe.log python benchmarks/cpp_error_probe.py
 want log_partition && step 45 bench_log_partition.log python benchmarks/bench_kernels.py --family log_partition
 want likelihood && step 45 bench_likelihood.log python benchmarks/bench_kernels.py --family likelihood
 want optim && step 35 bench_optim.log python benchmarks/bench_kernels.py --family optim
@@ -85,5 +86,6 @@ done
 sed -n '/^| share of one/,/^$/p' "$logs/profile_train.log" | head -12
 grep -h "losses, defaults" "$logs/bench_train.log"
 tail -3 "$logs/trainer.log" 2>/dev/null | cut -c1-200
+cat "$logs/cpp_probe.log" 2>/dev/null
 cat benchmarks/results/train_*_"$today".md 2>/dev/null | tail -24
 exit 0
