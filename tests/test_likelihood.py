@@ -340,3 +340,34 @@ def test_custom_ops_pass_opcheck(backend_device):
     torch.library.opcheck(ops.vamp_prior.default, (z, mu_k, logvar_k, base, backend))
     torch.library.opcheck(ops.wake.default, (x, mean, scale, 1, z, mu_k, logvar_k, backend))
     torch.library.opcheck(ops.wake.default, (x, mean, scale, 0, z, None, None, backend))
+
+
+def test_eager_path_equals_the_custom_ops(backend_device):
+    """Outside torch.compile the ops run as autograd.Functions that skip the custom-op dispatcher
+    (ehm_fast.ops.eager): same kernels, so outputs and gradients must be bit-identical."""
+    from ehm_fast.ops import likelihood as lk
+    from ehm_fast.ops import log_partition as lp
+    from ehm_fast.ops import vamp as vp
+
+    backend, device = backend_device
+    f32 = dict(device=device, requires_grad=True)
+    x, mean, codes = torch.randn(3, 20, **f32), torch.randn(3, 20, **f32), torch.randn(3, 20, **f32)
+    scale, base = torch.randn(20, **f32), torch.randn(3, **f32)
+    z, mu_k, logvar_k = torch.randn(3, 5, **f32), torch.randn(4, 5, **f32), torch.randn(4, 5, **f32)
+    cases = [
+        (lp.log_partition, lp.log_partition_fwd, (x, mean, False, backend)),
+        (lk.image_nll, lk.image_nll_op, (x, mean, scale, 0, backend)),
+        (lk.code_nll, lk.code_nll_op, (x, mean, codes, None, base, 0, backend)),
+        (vp.vamp_prior, vp.vamp_prior_op, (z, mu_k, logvar_k, base, backend)),
+        (lk.wake, lk.wake_op, (x, mean, scale, 1, z, mu_k, logvar_k, backend)),
+    ]
+    for eager, op, args in cases:
+        leaves = [a for a in args if isinstance(a, torch.Tensor)]
+        outs = []
+        for fn in (eager, op):
+            out = fn(*args)
+            out = out[0] if isinstance(out, tuple) else out
+            outs.append((out.detach(), torch.autograd.grad((out * torch.arange(1.0, 4, device=device)).sum(), leaves)))
+        (a, ga), (b, gb) = outs
+        assert torch.equal(a, b), op
+        assert all(torch.equal(u, v) for u, v in zip(ga, gb)), op
