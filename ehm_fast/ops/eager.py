@@ -32,7 +32,7 @@ def eager_op(op: Callable, forward: Callable, setup_context: Callable, backward:
         def backward(ctx: Any, *grads: Any) -> Any:
             return backward(ctx, *grads)
 
-    Eager.__name__ = Eager.__qualname__ = op._name
+    Eager.__name__ = Eager.__qualname__ = getattr(op, "_name", forward.__name__)  # in autograd graphs and traces
 
     def call(*inputs: Any) -> Any:
         if torch.compiler.is_compiling():
