@@ -60,22 +60,26 @@ def median_time_us(fn: Callable[[], None], device: torch.device, warmup: int = 3
     return statistics.median(times)
 
 
+def capture_graph(fn: Callable[[], object], warmup: int = 3) -> tuple[torch.cuda.CUDAGraph, object]:
+    """(graph, output) of fn() captured in a CUDA graph, after `warmup` calls on a side stream
+    (lazy initialisation, autotuning and allocator pools stay out of the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
 def graph_time_us(fn: Callable[[], None], device: torch.device, copies: int = 4) -> float:
     """Median device time of fn replayed from CUDA graphs: the kernels without the host's launch
     and dispatch costs (which dominate small ops in eager mode). One graph per call of fn at
     capture, so a fn that rotates its inputs keeps rotating them between replays."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up outside the capture: lazy init, autotuning, allocator pools
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graphs = []
-    for _ in range(copies):
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        graphs.append(g)
+    graphs = [capture_graph(fn, warmup=3 if i == 0 else 0)[0] for i in range(copies)]
     cycle = itertools.cycle(graphs)
     return median_time_us(lambda: next(cycle).replay(), device)
 

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from benchmarks.harness import capture_graph
+
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -135,15 +137,7 @@ class PlainEHM:
 def capture_cuda_graph(step: Callable[[torch.Tensor], tuple], x: torch.Tensor, warmup: int = 3):
     """Captures step(static_x) in one CUDA graph; returns (replay(x) -> losses, static input)."""
     static_x = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            step(static_x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step(static_x)
+    graph, static_out = capture_graph(lambda: step(static_x), warmup)
 
     def replay(batch: torch.Tensor):
         static_x.copy_(batch, non_blocking=True)
