@@ -21,7 +21,7 @@ deadline=${DEADLINE:-540}
 elapsed() { echo $(( $(date +%s) - start )); }
 # STEPS="tests train" runs only those; all of them take longer than one call: on an H100 the build
 # took 60 s, the suite 60 s and bench_train at two batch sizes 90 s, so split them, e.g.
-# STEPS="tests train profile trainer cpp_probe", then STEPS="log_partition likelihood optim data".
+# STEPS="tests train profile data", then STEPS="trainer cpp_probe log_partition likelihood optim".
 steps=" ${STEPS:-tests train profile trainer cpp_probe log_partition likelihood optim data} "
 want() { [[ $steps == *" $1 "* ]]; }
 
@@ -68,8 +68,9 @@ if want tests; then
 fi
 
 # Most important first; every benchmark saves its results as it goes, so a timeout keeps them.
-want train && step 150 bench_train.log python benchmarks/bench_train.py --batch 256 --batch 64
-want profile && step 40 profile_train.log python benchmarks/profile_train.py --batch 256
+want train && step 200 bench_train.log python benchmarks/bench_train.py --batch 256 --batch 64 --batch 1024
+want profile && step 60 profile_train.log python benchmarks/profile_train.py --batch 256
+want profile && step 50 profile_train_64.log python benchmarks/profile_train.py --batch 64
 want trainer && step 60 trainer.log python -m ehm_fast.train --steps 200 --log-every 50 --out /tmp/ehm_gpu_run
 want cpp_probe && step 90 cpp_probe.log python benchmarks/cpp_error_probe.py
 want log_partition && step 45 bench_log_partition.log python benchmarks/bench_kernels.py --family log_partition
@@ -83,7 +84,7 @@ grep -h "copy bandwidth\|matmul peak" "$logs"/bench_*.log | head -2
 for f in benchmarks/results/kernels_*_"$today".md; do  # saved after every case: there even after a timeout
   [ -f "$f" ] && grep -E "ehm:cuda|ehm:triton" "$f" | cut -d'|' -f3,4,7,9,10,11,13,14 | head -14
 done
-sed -n '/^| share of one/,/^$/p' "$logs/profile_train.log" | head -12
+for f in "$logs"/profile_train*.log; do [ -f "$f" ] && sed -n '/^| share of one/,$p' "$f" | head -20; done
 grep -h "losses, defaults" "$logs/bench_train.log"
 tail -3 "$logs/trainer.log" 2>/dev/null | cut -c1-200
 cat "$logs/cpp_probe.log" 2>/dev/null

@@ -2,6 +2,11 @@
 every kernel is visible) and of the plain baseline, split into convolutions, normalisation,
 elementwise work, reductions, the optimizer, copies and launch gaps.
 
+On a GPU it also prints the ceiling this sets on issue 8's target: the plain bf16+channels_last
+iteration replayed from a CUDA graph (row 2 of bench_train.py) runs the same cuDNN convolution
+kernels as the eager trace, so (row 2's time) / (those kernels' device time) is the most any
+implementation that keeps cuDNN's convolutions can gain over row 2, with everything else free.
+
     python benchmarks/profile_train.py --batch 256            # GPU
     python benchmarks/profile_train.py --quick                # CPU smoke run
 Writes a Chrome trace per row to benchmarks/results/trace_<row>_<batch>.json (not committed; open
@@ -20,13 +25,16 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_train import ehm_runner, plain_runner  # noqa: E402
+from benchmarks.bench_train import _time, ehm_runner, plain_runner  # noqa: E402
 from benchmarks.harness import RESULTS, markdown_table  # noqa: E402
 
 CATEGORIES = [  # first match wins; matched against lower-cased op / kernel names
     ("optimizer", ("adam", "multi_tensor", "foreach", "cv_adam", "cv_sgd")),
-    ("convolution", ("conv", "cudnn", "gemm", "xmma", "sm90", "cutlass", "matmul", "mm_", "addmm", "winograd")),
+    # before "convolution": cuDNN's own batch-norm kernels are named cudnn::bn_*
     ("normalisation", ("batch_norm", "layer_norm", "native_norm", "bn_", "welford")),
+    ("layout transform", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("convolution", ("conv", "cudnn", "gemm", "xmma", "sm90", "sm80", "cutlass", "matmul", "mm_", "addmm",
+                     "winograd", "dgrad", "wgrad", "fprop", "implicit", "splitk")),
     ("ehm_fast losses", ("ehm_fast", "log_partition", "image_nll", "code_nll", "vamp")),
     ("reduction", ("sum", "mean", "logsumexp", "reduce", "norm")),
     ("copy / cast", ("copy", "to_copy", "cat", "clone", "contiguous", "memcpy", "fill")),
@@ -42,7 +50,9 @@ def categorise(name: str) -> str:
     return "elementwise / other"
 
 
-def breakdown(step, x, device: torch.device, trace: Path) -> dict[str, float]:
+def breakdown(step, x, device: torch.device, trace: Path, top: int = 0) -> dict[str, float]:
+    """Microseconds per category in one iteration (device kernels on a GPU, aten ops' self time on the
+    CPU), plus "wall"; prints the `top` kernels by device time with their category."""
     for _ in range(3):
         step(x)
     if device.type == "cuda":
@@ -58,9 +68,14 @@ def breakdown(step, x, device: torch.device, trace: Path) -> dict[str, float]:
     shares: dict[str, float] = {}
     if device.type == "cuda":
         # device kernels only: the leaves of the trace
+        kernels: dict[str, float] = {}
         for evt in prof.events():
             if evt.device_type == torch.autograd.DeviceType.CUDA:
-                shares[categorise(evt.name)] = shares.get(categorise(evt.name), 0.0) + evt.device_time
+                us = evt.time_range.elapsed_us()
+                shares[categorise(evt.name)] = shares.get(categorise(evt.name), 0.0) + us
+                kernels[evt.name] = kernels.get(evt.name, 0.0) + us
+        for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"  {us / 1e3:7.3f} ms  {categorise(name):20s} {name[:110]}")
     else:
         for evt in prof.key_averages():
             if evt.key.startswith("aten::") or "ehm_fast" in evt.key:
@@ -76,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--quick", action="store_true", help="width 8, batch 4, on the CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--top", type=int, default=25, help="list this many kernels by device time (GPU)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     width, batch = (8, 4) if args.quick else (64, args.batch)
@@ -89,13 +105,31 @@ def main(argv: list[str] | None = None) -> None:
     for name, make in rows.items():
         step, x, _ = make()
         slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-        results[name] = breakdown(step, x, device, RESULTS / f"trace_{slug}_{batch}.json")
+        print(f"{name}, batch {batch}" + (": kernels by device time" if device.type == "cuda" else ""))
+        results[name] = breakdown(step, x, device, RESULTS / f"trace_{slug}_{batch}.json", top=args.top)
     categories = [c for c, _ in CATEGORIES] + ["elementwise / other", "idle / launch gaps"]
     body = []
     for c in categories:
         body.append([c] + [f"{r.get(c, 0.0) / 1e3:.2f} ms ({r.get(c, 0.0) / r['wall']:.0%})" for r in results.values()])
     body.append(["wall"] + [f"{r['wall'] / 1e3:.2f} ms" for r in results.values()])
     print(markdown_table(["share of one iteration"] + list(results), body))
+    if device.type == "cuda":
+        print(ceiling(device, batch, width, results["plain bf16+cl"]))
+
+
+def ceiling(device: torch.device, batch: int, width: int, eager_fast: dict[str, float]) -> str:
+    """Row 2 (graphed) and ehm_fast's default step timed now, against the convolution kernels'
+    device time in the eager trace of the same plain bf16+channels_last iteration."""
+    times = {}
+    for name, make in (("row 2", lambda: plain_runner(device, batch, width, fast=True)),
+                       ("ehm_fast", lambda: ehm_runner(device, batch, width))):
+        run, x, _ = make()
+        times[name] = _time(lambda: run(x), device, iters=20) * 1e6
+    conv = eager_fast.get("convolution", 0.0)
+    return (f"\nrow 2 (plain bf16+cl+graph) {times['row 2'] / 1e3:.2f} ms, ehm_fast default {times['ehm_fast'] / 1e3:.2f}"
+            f" ms per iteration; cuDNN convolution kernels of row 2: {conv / 1e3:.2f} ms "
+            f"({conv / times['row 2']:.0%} of row 2).\nCeiling with cuDNN's convolutions kept and all else free: "
+            f"{times['row 2'] / conv:.2f}x row 2 (ehm_fast now: {times['row 2'] / times['ehm_fast']:.2f}x).")
 
 
 if __name__ == "__main__":
