@@ -21,7 +21,7 @@ deadline=${DEADLINE:-540}
 elapsed() { echo $(( $(date +%s) - start )); }
 # STEPS="tests train" runs only those; all of them take longer than one call: on an H100 the build
 # took 60 s, the suite 60 s and bench_train at two batch sizes 90 s, so split them, e.g.
-# STEPS="tests train profile data", then STEPS="trainer cpp_probe log_partition likelihood optim".
+# STEPS="tests train profile", then STEPS="data cpp_probe trainer log_partition optim likelihood".
 steps=" ${STEPS:-tests train profile trainer cpp_probe log_partition likelihood optim data} "
 want() { [[ $steps == *" $1 "* ]]; }
 
@@ -38,8 +38,7 @@ step() {  # step <limit s> <log name> <command...>: runs within both its limit a
 }
 
 finish() {
-  local today; today=$(date +%Y-%m-%d)
-  cp benchmarks/results/*_"$today".{md,json} "$logs/" 2>/dev/null
+  find benchmarks/results -newer "$logs/gpu.txt" ! -name 'trace_*' \( -name '*.md' -o -name '*.json' \) -exec cp {} "$logs/" \;
   tar -C "$out" -czf "$out/gpu_check.tgz" logs && rm -rf "$logs"
 }
 trap finish EXIT
@@ -71,22 +70,24 @@ fi
 want train && step 200 bench_train.log python benchmarks/bench_train.py --batch 256 --batch 64 --batch 1024
 want profile && step 60 profile_train.log python benchmarks/profile_train.py --batch 256
 want profile && step 50 profile_train_64.log python benchmarks/profile_train.py --batch 64
-want trainer && step 60 trainer.log python -m ehm_fast.train --steps 200 --log-every 50 --out /tmp/ehm_gpu_run
+# building the synthetic LMDB alone takes about 13 ms per image (photo-like pixels, WebP encoding)
+want data && step 100 bench_data.log python benchmarks/bench_data.py --write --images 3200
 want cpp_probe && step 90 cpp_probe.log python benchmarks/cpp_error_probe.py
+want trainer && step 60 trainer.log python -m ehm_fast.train --steps 200 --log-every 50 --out /tmp/ehm_gpu_run
 want log_partition && step 45 bench_log_partition.log python benchmarks/bench_kernels.py --family log_partition
-want likelihood && step 45 bench_likelihood.log python benchmarks/bench_kernels.py --family likelihood
 want optim && step 35 bench_optim.log python benchmarks/bench_kernels.py --family optim
-want data && step 30 bench_data.log python benchmarks/bench_data.py --write
+want likelihood && step 45 bench_likelihood.log python benchmarks/bench_kernels.py --family likelihood
 
 echo "== summary ($(elapsed) s)"
-today=$(date +%Y-%m-%d)
 grep -h "copy bandwidth\|matmul peak" "$logs"/bench_*.log | head -2
-for f in benchmarks/results/kernels_*_"$today".md; do  # saved after every case: there even after a timeout
+# results written by this run only (saved after every case: there even after a timeout)
+for f in $(find benchmarks/results -name 'kernels_*.md' -newer "$logs/gpu.txt" | sort); do
   [ -f "$f" ] && grep -E "ehm:cuda|ehm:triton" "$f" | cut -d'|' -f3,4,7,9,10,11,13,14 | head -14
 done
 for f in "$logs"/profile_train*.log; do [ -f "$f" ] && sed -n '/^| share of one/,$p' "$f" | head -20; done
 grep -h "losses, defaults" "$logs/bench_train.log"
 tail -3 "$logs/trainer.log" 2>/dev/null | cut -c1-200
 cat "$logs/cpp_probe.log" 2>/dev/null
-cat benchmarks/results/train_*_"$today".md 2>/dev/null | tail -24
+sed -n '/^| what/,$p' "$logs/bench_data.log" 2>/dev/null
+find benchmarks/results -name 'train_*.md' -newer "$logs/gpu.txt" -exec tail -24 {} \;
 exit 0
