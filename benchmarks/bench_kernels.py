@@ -29,6 +29,7 @@ from benchmarks.harness import (  # noqa: E402
     Case,
     copy_bandwidth_gbs,
     device_name,
+    graph_time_us,
     markdown_table,
     median_time_us,
     write_results,

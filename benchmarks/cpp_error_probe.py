@@ -3,7 +3,9 @@
 On the H100 machine of 2026-11-27 (g++ 13.3, torch 2.11), a failed TORCH_CHECK in ehm_fast._C
 ended the process with a segmentation fault instead of raising RuntimeError; on the CPU machines
 it raises. This builds tiny extensions that differ in one respect each (how the error is thrown,
-OpenMP, the GIL released, -O3) and calls each in a child process:
+OpenMP, the GIL released, -O3, a CUDA source) and calls each in a child process, then calls the
+installed ehm_fast._C the same way, loaded with and without its package. On the H200 machine of
+2026-11-27 every tiny extension without a CUDA source raised (the CUDA variant was added after):
 
     python benchmarks/cpp_error_probe.py        # about a minute on 16 cores; prints a table
 """
@@ -29,22 +31,43 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-VARIANTS = {  # name: (macros, extra cflags, extra ldflags)
-    "TORCH_CHECK": ({}, [], []),
-    "std::runtime_error": ({"THROW_STD": "1"}, [], []),
-    "TORCH_CHECK, -fopenmp": ({}, ["-fopenmp"], ["-fopenmp"]),
-    "TORCH_CHECK, GIL released": ({"RELEASE_GIL": "1"}, [], []),
-    "as ehm_fast._C: -O3 -fopenmp, GIL released": ({"RELEASE_GIL": "1"}, ["-O3", "-fopenmp"], ["-fopenmp"]),
+CUDA_SOURCE = "__global__ void probe_kernel(float* x) { x[0] = 1.f; }\n"
+
+VARIANTS = {  # name: (macros, extra cflags, extra ldflags, with a CUDA source)
+    "TORCH_CHECK": ({}, [], [], False),
+    "std::runtime_error": ({"THROW_STD": "1"}, [], [], False),
+    "TORCH_CHECK, -fopenmp": ({}, ["-fopenmp"], ["-fopenmp"], False),
+    "TORCH_CHECK, GIL released": ({"RELEASE_GIL": "1"}, [], [], False),
+    "as ehm_fast._C: -O3 -fopenmp, GIL released": ({"RELEASE_GIL": "1"}, ["-O3", "-fopenmp"], ["-fopenmp"], False),
+    "as ehm_fast._C, with a CUDA source": ({"RELEASE_GIL": "1"}, ["-O3", "-fopenmp"], ["-fopenmp"], True),
+}
+
+# The installed extension, called as tests/test_optim_functional.py does (a bucket of two dtypes).
+REAL_CALL = """
+p = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
+try:
+    C.cv_sgd_(p, [x.clone() for x in p], [], [], [], [], 0.0, 0.1, 0.0, 0.0, 0.0, False, False)
+except RuntimeError as e:
+    print("raised RuntimeError:", str(e).splitlines()[0])
+"""
+REAL = {
+    "ehm_fast._C, through its package": "import torch\nfrom ehm_fast import _C as C\n",
+    "ehm_fast._C, its .so alone": (
+        "import glob, importlib.util, torch\n"
+        "path = glob.glob('ehm_fast/_C*.so')[0]\n"
+        "spec = importlib.util.spec_from_file_location('ehm_fast._C', path)\n"
+        "C = importlib.util.module_from_spec(spec); spec.loader.exec_module(C)\n"
+    ),
 }
 
 CHILD = """
 import sys, torch
 from torch.utils.cpp_extension import load_inline
-macros, cflags, ldflags, name, build = {args}
+macros, cflags, ldflags, cuda, name, build = {args}
 src = "".join(f"#define {{k}} {{v}}\\n" for k, v in macros.items())
 src += "#ifndef THROW_STD\\n#define THROW_STD 0\\n#endif\\n#ifndef RELEASE_GIL\\n#define RELEASE_GIL 0\\n#endif\\n"
-mod = load_inline(name, cpp_sources=[src + {source!r}], extra_cflags=cflags, extra_ldflags=ldflags,
-                  build_directory=build, verbose=False)
+mod = load_inline(name, cpp_sources=[src + {source!r}], cuda_sources=[{cuda_source!r}] if cuda else None,
+                  extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build, verbose=False)
 print("built", flush=True)
 try:
     mod.fail(torch.zeros(1))
@@ -54,16 +77,23 @@ except RuntimeError as e:
 
 
 def probe(index: int, name: str, spec: tuple, root: str) -> tuple[str, str]:
-    macros, cflags, ldflags = spec
     build = os.path.join(root, f"v{index}")
     os.makedirs(build, exist_ok=True)
-    code = CHILD.format(args=repr((macros, cflags, ldflags, f"ehm_probe_{index}", build)), source=SOURCE)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    code = CHILD.format(args=repr((*spec, f"ehm_probe_{index}", build)), source=SOURCE, cuda_source=CUDA_SOURCE)
+    env = dict(os.environ)  # nvcc's libraries and a target even where no GPU is visible
+    if os.path.isdir("/usr/local/cuda"):
+        env.setdefault("CUDA_HOME", "/usr/local/cuda")
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+    return name, verdict(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                                        env=env))
+
+
+def verdict(r: subprocess.CompletedProcess) -> str:
     if "raised RuntimeError" in r.stdout:
-        return name, "raises RuntimeError"
+        return "raises RuntimeError"
     if "built" not in r.stdout:
-        return name, "build failed: " + (r.stderr.strip().splitlines() or ["?"])[-1][:80]
-    return name, f"crashed (exit status {r.returncode})"
+        return "did not load: " + (r.stderr.strip().splitlines() or ["?"])[-1][:80]
+    return f"crashed (exit status {r.returncode})"
 
 
 def main() -> None:
@@ -73,7 +103,12 @@ def main() -> None:
     print(f"torch {torch.__version__}; {compiler[0] if compiler else 'no c++ found'}", flush=True)
     with tempfile.TemporaryDirectory() as root, ThreadPoolExecutor(len(VARIANTS)) as pool:
         results = list(pool.map(lambda a: probe(*a, root), [(i, n, s) for i, (n, s) in enumerate(VARIANTS.items())]))
-    width = max(len(n) for n in VARIANTS)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, load in REAL.items():
+        code = load + "print('built', flush=True)\n" + REAL_CALL
+        results.append((name, verdict(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                     timeout=120, cwd=repo))))
+    width = max(len(n) for n, _ in results)
     for name, outcome in results:
         print(f"{name:{width}s}  {outcome}")
 

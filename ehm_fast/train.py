@@ -315,7 +315,7 @@ class Run:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
-        cfg, ehm = self.cfg, self.ehm
+        ehm = self.ehm
         self.writer = None
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,11 @@
 """The benchmark scripts run (tiny CPU sizes) and report a number for every implementation."""
 
+import shutil
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -23,3 +27,16 @@ def test_bench_train_quick(capsys):
     table = out[out.index("| row"):]
     rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
     assert len(rows) == 2 and all("n/a" not in line for line in rows), table
+
+
+def test_no_undefined_names_in_code_that_only_runs_on_a_gpu():
+    """The CUDA-graph timing and other GPU-only paths never run in CI: a static check for undefined
+    and unused names catches what a run would (a missing import once cost a GPU session its kernel
+    graph timings)."""
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed")
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([ruff, "check", "--no-cache", "--select", "F821,F811,F841,F401", "--exclude", "build",
+                        "benchmarks", "ehm_fast", "kernels", "tests"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
