@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -82,6 +83,16 @@ def bench_torchvision_style(db: Path, size: int, n: int) -> tuple[float, float]:
     return rate(n, time.perf_counter() - t0), rate(n, time.process_time() - c0)
 
 
+def bench_decode_alone(encoded: list[bytes]) -> float:
+    """Images per second that Pillow (libwebp) decodes in one thread, nothing else: the ceiling of
+    any per-worker preparation rate that decodes with it."""
+    t0 = time.perf_counter()
+    for data in encoded:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    return rate(len(encoded), time.perf_counter() - t0)
+
+
 def bench_prepare(db: Path, out: Path, size: int, workers: int) -> tuple[float, float]:
     """(images per wall second, images per CPU second: meaningful for 1 worker, which runs in-process)."""
     c0 = time.process_time()
@@ -129,10 +140,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({"what": what, "workers": workers, "images_per_s": ips, "note": note})
             print(f"{what:45s} {workers:>10s} {ips:10.0f} images/s {note}", flush=True)
 
+        decode = bench_decode_alone(list(items.values())[:500])
+        add("WebP decode alone (Pillow / libwebp)", "1 (main)", decode, "the ceiling of one preparation worker")
         wall, cpu = bench_torchvision_style(tmp / "db", args.size, min(n, 500))
         add("torchvision-style per-item LMDB+PIL", "1 (main)", wall, f"{cpu:.0f} per CPU-second")
         wall, cpu = bench_prepare(tmp / "db", tmp / "s1", args.size, 1)
-        add("ehm-prepare", "1 process", wall, f"{cpu:.0f} per CPU-second")
+        add("ehm-prepare", "1 process", wall, f"{cpu:.0f} per CPU-second, {wall / decode:.0%} of decode alone")
         if cores > 1:
             wall, _ = bench_prepare(tmp / "db", tmp / "sN", args.size, cores)
             add("ehm-prepare", f"{cores} processes", wall, f"{wall / cores:.0f} per worker")
