@@ -6,7 +6,8 @@ Rows:
   2. plain+    : the same with bf16 autocast + channels_last + whole-iteration CUDA graph
   3. ehm_fast  : ehm_fast's training step with its defaults
   4. ehm_fast -<feature>: each speed feature turned off in turn
-  plus variants: weight clipping instead of the penalty, and the SVRG / STORM optimizers.
+  5. variants: weight clipping instead of the penalty, and the SVRG / STORM optimizers
+  6. ehm_fast +<option>: a speed option not (yet) on by default
 Reports images/s, ms per iteration, peak memory and model FLOP utilisation (FLOPs counted once
 with torch.utils.flop_counter, divided by the bf16 matmul peak measured in the same run).
 
@@ -95,7 +96,7 @@ def plain_runner(device, batch, width, *, fast: bool, gp: bool = True, graph: bo
 
 def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimizer: bool = True,
                cuda_graph: bool | None = None, amp: bool | None = None, channels_last: bool | None = None,
-               lipschitz: str = "gp", optimizer: str = "adam"):
+               lipschitz: str = "gp", optimizer: str = "adam", image_layers: str = "cudnn"):
     """ehm_fast's training step (ehm_fast.EHM) on the same networks; keyword arguments turn single
     speed features off (None = the trainer's default on this device)."""
     from ehm_fast.config import EHMConfig
@@ -107,7 +108,7 @@ def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimiz
                        critic_norm="none").to(device)
     cfg = EHMConfig(objective="ehm", estimator="importance", n_critic=1, lipschitz=lipschitz, optimizer=optimizer,
                     backend="auto" if fused_losses else "torch", amp=amp, channels_last=channels_last,
-                    cuda_graph=cuda_graph if device.type == "cuda" else False)
+                    cuda_graph=cuda_graph if device.type == "cuda" else False, image_layers=image_layers)
     step = EHM(models, cfg)
     if not fused_optimizer and optimizer == "adam":
         # torch's multi-tensor (foreach) Adam in place of the fused kernel
@@ -174,6 +175,8 @@ ROWS: list[tuple[str, str, dict]] = [
     ("4 ehm_fast -cuda graph", "ehm", {"cuda_graph": False}),
     ("4 ehm_fast -bf16", "ehm", {"amp": False}),
     ("4 ehm_fast -channels_last", "ehm", {"channels_last": False}),
+    # not yet a default: the 3-channel convolutions as im2col + matmul (same sums), untimed so far
+    ("6 ehm_fast +matmul image layers", "ehm", {"image_layers": "matmul"}),
     ("5 ehm_fast weight clipping", "ehm", {"lipschitz": "clip"}),
     ("5 ehm_fast svrg", "ehm", {"optimizer": "svrg"}),
     ("5 ehm_fast storm", "ehm", {"optimizer": "storm"}),

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .models import IMAGE_LAYERS
+
 OBJECTIVES = ("ehm", "svae", "vae", "wgan-gp")
 ESTIMATORS = ("importance", "jensen")
 SCHEDULES = ("constant", "wgan")
@@ -72,6 +74,8 @@ class EHMConfig:
     channels_last: bool | None = opt(None, "channels_last memory format (default: on on a GPU)")
     cuda_graph: bool | None = opt(None, "capture each iteration in a CUDA graph (default: on on a GPU when the "
                                   "optimizer can skip a non-finite step on the device)")
+    image_layers: str = opt("cudnn", "the layers that read and write images (3 channels): cudnn convolutions, or "
+                            "matmul (im2col + one matmul: the same sums; not yet timed on a GPU)", IMAGE_LAYERS)
     local_log_partition: bool = opt(False, "with several processes, estimate the importance log-partition over each "
                                     "process's own samples instead of the samples of all processes")
     max_bad_steps: int = opt(50, "stop after this many steps skipped for non-finite losses or gradients")

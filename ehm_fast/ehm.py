@@ -118,6 +118,7 @@ class EHM:
         self.cuda_graph = graph_ok if cfg.cuda_graph is None else bool(cfg.cuda_graph) and graph_ok
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         models.to(memory_format=self.memory_format)
+        models.set_image_layers(cfg.image_layers)
         self.estimator = "jensen" if cfg.objective == "wgan-gp" else cfg.estimator
         self.uses_critic = cfg.objective != "vae"
         self.g_params = models.generator_parameters()

@@ -108,3 +108,84 @@ def test_normal_prior_latents_are_the_noise():
     m = EHMModels(image_size=32, channels=1, z_dim=5, width=4)
     eps, k = m.draw_prior_noise(4, torch.device("cpu"))
     assert k is None and m.prior_latents(eps) is eps
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_image_layers_as_matmul_are_the_convolutions(device):
+    from ehm_fast.models import image_conv, image_conv_transpose
+
+    g = torch.Generator().manual_seed(0)
+    f64 = dict(dtype=torch.float64, device=device)
+    x = torch.randn(2, 3, 16, 16, generator=g).to(**f64).requires_grad_()
+    w = torch.randn(8, 3, 4, 4, generator=g).to(**f64).requires_grad_()
+    b = torch.randn(8, generator=g).to(**f64).requires_grad_()
+    torch.testing.assert_close(image_conv(x, w, b), F.conv2d(x, w, b, stride=2, padding=1))
+    torch.testing.assert_close(image_conv(x, w), F.conv2d(x, w, stride=2, padding=1))
+    h = torch.randn(2, 8, 8, 8, generator=g).to(**f64).requires_grad_()
+    wt = torch.randn(8, 3, 4, 4, generator=g).to(**f64).requires_grad_()
+    bt = torch.randn(3, generator=g).to(**f64).requires_grad_()
+    torch.testing.assert_close(image_conv_transpose(h, wt, bt), F.conv_transpose2d(h, wt, bt, stride=2, padding=1))
+    # second derivatives too: the gradient penalty differentiates the critic's input gradient
+    assert torch.autograd.gradgradcheck(image_conv, (x, w, b))
+    assert torch.autograd.gradgradcheck(image_conv_transpose, (h, wt, bt))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_image_layers_as_matmul_keep_the_memory_format_and_the_autocast_dtype(device):
+    from ehm_fast.models import image_conv, image_conv_transpose
+
+    x = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 3, 4, 4, device=device) * 0.1
+    out = image_conv(x, w)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert image_conv(x.contiguous(), w).is_contiguous()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        fast, ref = image_conv(x, w), F.conv2d(x, w, stride=2, padding=1)
+        h = torch.randn(4, 16, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+        up, up_ref = image_conv_transpose(h, w, None), F.conv_transpose2d(h, w, stride=2, padding=1)
+    assert fast.dtype == ref.dtype == torch.bfloat16 and up.dtype == up_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(up.float(), up_ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("share_weights", [False, True])
+def test_ehm_step_with_matmul_image_layers_equals_cudnn(share_weights, monkeypatch):
+    """The wiring: every image layer of the three networks (tied or not) takes the matmul path, and
+    the training step's losses match cuDNN's to float32 rounding (the sums are exact in float64 above)."""
+    from ehm_fast import models as models_module
+    from ehm_fast.config import EHMConfig
+    from ehm_fast.ehm import EHM
+
+    calls = {"image_conv": 0, "image_conv_transpose": 0}
+    for name in calls:
+        original = getattr(models_module, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(models_module, name, counted)
+    losses = {}
+    for kind in ("cudnn", "matmul"):
+        torch.manual_seed(0)
+        models = EHMModels(image_size=32, channels=3, z_dim=8, width=8, share_weights=share_weights)
+        step = EHM(models, EHMConfig(lipschitz="gp", backend="torch", image_layers=kind))
+        x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        torch.manual_seed(2)
+        losses[kind] = [{k: float(v) for k, v in step.step(x).items()} for _ in range(3)]
+        if kind == "cudnn":
+            assert calls == {"image_conv": 0, "image_conv_transpose": 0}
+    # one iteration: critic f(real), f(fake), f(interpolates); encoder on x and on generated x_s;
+    # decoder for the wake reconstruction and the sleep samples
+    assert calls["image_conv"] >= 3 * 5 and calls["image_conv_transpose"] >= 3 * 2, calls
+    for it, (a, b) in enumerate(zip(losses["cudnn"], losses["matmul"])):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (it, key)
+
+
+def test_unknown_image_layers_are_refused():
+    with pytest.raises(ValueError, match="image layers must be one of"):
+        EHMModels(image_size=32, channels=3, z_dim=4, width=4).set_image_layers("winograd")
