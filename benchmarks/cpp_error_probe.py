@@ -40,7 +40,19 @@ VARIANTS = {  # name: (macros, extra cflags, extra ldflags, with a CUDA source)
     "TORCH_CHECK, GIL released": ({"RELEASE_GIL": "1"}, [], [], False),
     "as ehm_fast._C: -O3 -fopenmp, GIL released": ({"RELEASE_GIL": "1"}, ["-O3", "-fopenmp"], ["-fopenmp"], False),
     "as ehm_fast._C, with a CUDA source": ({"RELEASE_GIL": "1"}, ["-O3", "-fopenmp"], ["-fopenmp"], True),
+    # Debian/Ubuntu Pythons link extensions built by setuptools (as pip builds ehm_fast._C) with this
+    "TORCH_CHECK, -Wl,-Bsymbolic-functions": ({}, [], ["-Wl,-Bsymbolic-functions"], False),
 }
+
+# The same tiny extension built by setuptools + torch's BuildExtension, as `pip install -e .` builds
+# ehm_fast._C: with the compile and link flags of this Python's sysconfig, which load_inline skips.
+SETUP = """
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+setup(name="ehm_probe_st", ext_modules=[CppExtension("ehm_probe_st", ["probe.cpp"], extra_compile_args=["-O3", "-fopenmp"],
+      define_macros=[("THROW_STD", "0"), ("RELEASE_GIL", "1")], extra_link_args=["-fopenmp"])],
+      cmdclass={"build_ext": BuildExtension})
+"""
 
 # The installed extension, called as tests/test_optim_functional.py does (a bucket of two dtypes).
 REAL_CALL = """
@@ -88,6 +100,21 @@ def probe(index: int, name: str, spec: tuple, root: str) -> tuple[str, str]:
                                         env=env))
 
 
+def probe_setuptools(root: str) -> tuple[str, str]:
+    build = os.path.join(root, "setuptools")
+    os.makedirs(build)
+    with open(os.path.join(build, "probe.cpp"), "w") as f:
+        f.write(SOURCE)
+    with open(os.path.join(build, "setup.py"), "w") as f:
+        f.write(SETUP)
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=build, capture_output=True, text=True)
+    links = [line for line in r.stdout.splitlines() if " -shared " in line]
+    print("setuptools link line:", links[-1] if links else "(none: " + r.stderr.strip()[-200:] + ")", flush=True)
+    code = "import torch, ehm_probe_st as mod\nprint('built', flush=True)\n" + CHILD.split('print("built", flush=True)')[1]
+    child = subprocess.run([sys.executable, "-c", code], cwd=build, capture_output=True, text=True, timeout=120)
+    return "TORCH_CHECK, built by setuptools like ehm_fast._C", verdict(child)
+
+
 def verdict(r: subprocess.CompletedProcess) -> str:
     if "raised RuntimeError" in r.stdout:
         return "raises RuntimeError"
@@ -103,6 +130,7 @@ def main() -> None:
     print(f"torch {torch.__version__}; {compiler[0] if compiler else 'no c++ found'}", flush=True)
     with tempfile.TemporaryDirectory() as root, ThreadPoolExecutor(len(VARIANTS)) as pool:
         results = list(pool.map(lambda a: probe(*a, root), [(i, n, s) for i, (n, s) in enumerate(VARIANTS.items())]))
+        results.append(probe_setuptools(root))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, load in REAL.items():
         code = load + "print('built', flush=True)\n" + REAL_CALL
