@@ -34,7 +34,7 @@ CATEGORIES = [  # first match wins; matched against lower-cased op / kernel name
     ("normalisation", ("batch_norm", "layer_norm", "native_norm", "bn_", "welford")),
     ("layout transform", ("nchwtonhwc", "nhwctonchw", "transpose")),
     ("convolution", ("conv", "cudnn", "gemm", "xmma", "sm90", "sm80", "cutlass", "matmul", "mm_", "addmm",
-                     "winograd", "dgrad", "wgrad", "fprop", "implicit", "splitk")),
+                     "winograd", "dgrad", "wgrad", "fprop", "implicit", "splitk", "im2col", "col2im")),
     ("ehm_fast losses", ("ehm_fast", "log_partition", "image_nll", "code_nll", "vamp")),
     ("reduction", ("sum", "mean", "logsumexp", "reduce", "norm")),
     ("copy / cast", ("copy", "to_copy", "cat", "clone", "contiguous", "memcpy", "fill")),
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         "plain": lambda: plain_runner(device, batch, width, fast=False),
         "plain bf16+cl": lambda: plain_runner(device, batch, width, fast=True, graph=False),
         "ehm_fast (eager)": lambda: ehm_runner(device, batch, width, cuda_graph=False),
+        "ehm_fast matmul image layers (eager)": lambda: ehm_runner(device, batch, width, cuda_graph=False,
+                                                                   image_layers="matmul"),
     }
     results = {}
     for name, make in rows.items():
@@ -122,14 +124,16 @@ def ceiling(device: torch.device, batch: int, width: int, eager_fast: dict[str, 
     device time in the eager trace of the same plain bf16+channels_last iteration."""
     times = {}
     for name, make in (("row 2", lambda: plain_runner(device, batch, width, fast=True)),
-                       ("ehm_fast", lambda: ehm_runner(device, batch, width))):
+                       ("ehm_fast", lambda: ehm_runner(device, batch, width)),
+                       ("matmul", lambda: ehm_runner(device, batch, width, image_layers="matmul"))):
         run, x, _ = make()
         times[name] = _time(lambda: run(x), device, iters=20) * 1e6
     conv = eager_fast.get("convolution", 0.0)
     return (f"\nrow 2 (plain bf16+cl+graph) {times['row 2'] / 1e3:.2f} ms, ehm_fast default {times['ehm_fast'] / 1e3:.2f}"
-            f" ms per iteration; cuDNN convolution kernels of row 2: {conv / 1e3:.2f} ms "
-            f"({conv / times['row 2']:.0%} of row 2).\nCeiling with cuDNN's convolutions kept and all else free: "
-            f"{times['row 2'] / conv:.2f}x row 2 (ehm_fast now: {times['row 2'] / times['ehm_fast']:.2f}x).")
+            f" ms, with --image-layers matmul {times['matmul'] / 1e3:.2f} ms per iteration; cuDNN convolution kernels "
+            f"of row 2: {conv / 1e3:.2f} ms ({conv / times['row 2']:.0%} of row 2).\nCeiling with cuDNN's convolutions "
+            f"kept and all else free: {times['row 2'] / conv:.2f}x row 2 (ehm_fast now: "
+            f"{times['row 2'] / times['ehm_fast']:.2f}x; with matmul image layers {times['row 2'] / times['matmul']:.2f}x).")
 
 
 if __name__ == "__main__":
