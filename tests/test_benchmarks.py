@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_kernels, bench_train  # noqa: E402
+from benchmarks import bench_kernels, bench_train, profile_train  # noqa: E402
 
 
 def test_bench_kernels_quick(capsys):
@@ -27,6 +27,18 @@ def test_bench_train_quick(capsys):
     table = out[out.index("| row"):]
     rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
     assert len(rows) == 2 and all("n/a" not in line for line in rows), table
+
+
+def test_profile_train_quick(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(profile_train, "RESULTS", tmp_path)  # the traces go here, not into the repository
+    profile_train.main(["--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    table = out[out.index("| share of one iteration"):].splitlines()
+    assert table[0].count("|") == 6  # the category column and four rows
+    wall = next(line for line in table if line.startswith("| wall"))
+    assert all(float(cell.split()[0]) > 0 for cell in wall.strip("|").split("|")[1:]), wall
+    assert any(line.startswith("| convolution") for line in table)
+    assert len(list(tmp_path.glob("trace_*_4.json"))) == 4
 
 
 def test_no_undefined_names_in_code_that_only_runs_on_a_gpu():
