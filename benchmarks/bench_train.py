@@ -144,24 +144,43 @@ def measure(name: str, make: Callable[[], tuple], device: torch.device, batch: i
 LOSS_KEYS = ("critic_loss", "critic_gap", "wake_loss", "sleep_loss", "gen_loss")
 
 
+def _relative(runs: list[dict], ref: list[dict]) -> dict[str, list[float]]:
+    return {k: [abs(a[k] - b[k]) / max(abs(b[k]), 1.0) for a, b in zip(runs, ref)] for k in ref[0]}
+
+
 def loss_agreement(device: torch.device, batch: int, width: int, iters: int = 3) -> dict:
-    """ehm_fast's defaults (bf16, channels_last, fused losses and optimizer; CUDA graph off, whose
-    warm-up advances the random stream) against every feature off (fp32 eager with TF32 off,
-    reference losses, torch's Adam, contiguous): the same initial weights, batch and random draws.
-    Returns, per loss, |a - b| / max(|b|, 1) at each of the first `iters` iterations."""
-    runs = []
+    """Losses of the first `iters` iterations from the same initial weights, batch and random draws,
+    against the reference (every ehm_fast feature off: fp32 eager with TF32 off, reference losses,
+    torch's Adam, contiguous). Returns, per comparison and loss, |a - b| / max(|b|, 1) at each
+    iteration, for: ehm_fast's defaults (CUDA graph off, whose warm-up advances the random stream);
+    ehm_fast in fp32 with its fused losses and optimizer (the kernels' own exactness); and the plain
+    baseline in bf16 + channels_last against itself in fp32 (what bf16 alone does: rows 2 vs 1)."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    for features in ({"cuda_graph": False}, {"cuda_graph": False, "amp": False, "channels_last": False,
-                                             "fused_losses": False, "fused_optimizer": False}):
-        reference = "amp" in features
+
+    def ehm_losses(**features) -> list[dict]:
+        reference = "fused_losses" in features
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not reference and tf32[0]
         torch.manual_seed(0)
-        run, x, _ = ehm_runner(device, batch, width, **features)
+        run, x, _ = ehm_runner(device, batch, width, cuda_graph=False, **features)
         torch.manual_seed(1)
-        runs.append([{k: float(v) for k, v in run(x).items() if k in LOSS_KEYS} for _ in range(iters)])
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    fast, ref = runs
-    return {k: [abs(a[k] - b[k]) / max(abs(b[k]), 1.0) for a, b in zip(fast, ref)] for k in ref[0]}
+        return [{k: float(v) for k, v in run(x).items() if k in LOSS_KEYS} for _ in range(iters)]
+
+    def plain_losses(fast: bool) -> list[dict]:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = fast and tf32[0]
+        torch.manual_seed(0)
+        _, x, step = plain_runner(device, batch, width, fast=fast, graph=False)
+        torch.manual_seed(1)
+        return [dict(zip(("critic_loss", "gen_loss"), map(float, step(x)))) for _ in range(iters)]
+
+    try:
+        ref = ehm_losses(amp=False, channels_last=False, fused_losses=False, fused_optimizer=False)
+        return {
+            "defaults": _relative(ehm_losses(), ref),
+            "fp32 fused": _relative(ehm_losses(amp=False, channels_last=False), ref),
+            "plain bf16": _relative(plain_losses(True), plain_losses(False)),
+        }
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 ROWS: list[tuple[str, str, dict]] = [
@@ -212,8 +231,11 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_peak_tflops(device)
     print(f"{device_name(device)}: matmul peak {peak:.2f} TFLOP/s (measured)", flush=True)
     agreement = loss_agreement(device, batches[0], width, iters=2 if args.quick else 3)
-    print(f"losses, defaults vs all features off (batch {batches[0]}, relative difference at iterations 1/2/...): "
-          + ", ".join(f"{k} " + "/".join(f"{e:.1e}" for e in v) for k, v in agreement.items()), flush=True)
+    for what, label in (("defaults", "ehm_fast defaults vs all features off"),
+                        ("fp32 fused", "ehm_fast fp32 with fused losses + optimizer vs all features off"),
+                        ("plain bf16", "plain bf16+channels_last vs plain fp32 (row 2 vs row 1 arithmetic)")):
+        print(f"losses, {label} (batch {batches[0]}, relative difference at iterations 1/2/...): "
+              + ", ".join(f"{k} " + "/".join(f"{e:.1e}" for e in v) for k, v in agreement[what].items()), flush=True)
     head = {"matmul_peak_tflops": peak, "loss_agreement": agreement}
     rows = []
     for batch in batches:

@@ -85,7 +85,7 @@ for f in $(find benchmarks/results -name 'kernels_*.md' -newer "$logs/gpu.txt" |
   [ -f "$f" ] && grep -E "ehm:cuda|ehm:triton" "$f" | cut -d'|' -f3,4,7,9,10,11,13,14 | head -14
 done
 for f in "$logs"/profile_train*.log; do [ -f "$f" ] && sed -n '/^| share of one/,$p' "$f" | head -20; done
-grep -h "losses, defaults" "$logs/bench_train.log"
+grep -h "^losses," "$logs/bench_train.log"
 tail -3 "$logs/trainer.log" 2>/dev/null | cut -c1-200
 cat "$logs/cpp_probe.log" 2>/dev/null
 sed -n '/^| what/,$p' "$logs/bench_data.log" 2>/dev/null
