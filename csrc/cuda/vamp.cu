@@ -31,11 +31,14 @@ struct Stage {
 };
 
 // -log N(z_{b0+tb}; mu_{k0+tk}, .) for this thread's (tb, tk); 0 terms outside [B) x [K) x [D).
+// Each slice of kDC terms is summed in A and the slices in double: one float sum over D = 600
+// terms adding up to ~1e3 loses ~1e-3, which moves the responsibilities of competing components
+// by as much (the CPU kernel sums in double for the same reason).
 template <typename T, typename A>
 __device__ A neg_log_normal_tile(const T* z, const T* mu, const T* lv, int64_t B, int64_t K, int64_t D, int64_t b0,
                                  int64_t k0, Stage<A>& st) {
   const int tb = threadIdx.x / kTK, tk = threadIdx.x % kTK;
-  A t = 0;
+  double t = 0;
   for (int64_t d0 = 0; d0 < D; d0 += kDC) {
     __syncthreads();  // the previous slice has been used
     for (int idx = threadIdx.x; idx < kTB * kDC; idx += kThreads) {
@@ -53,13 +56,15 @@ __device__ A neg_log_normal_tile(const T* z, const T* mu, const T* lv, int64_t B
       st.c[r][j] = ok ? A(0.5) * l + A(terms::kHalfLog2Pi) : A(0);
     }
     __syncthreads();
+    A part = 0;
 #pragma unroll 8
     for (int j = 0; j < kDC; ++j) {
       const A r = st.z[tb][j] - st.mu[tk][j];
-      t += A(0.5) * r * r * st.iv[tk][j] + st.c[tk][j];
+      part += A(0.5) * r * r * st.iv[tk][j] + st.c[tk][j];
     }
+    t += part;
   }
-  return t;
+  return static_cast<A>(t);
 }
 
 // Reductions over the 16 threads of one code (consecutive lanes of a half warp).
