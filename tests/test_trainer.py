@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -75,6 +76,28 @@ def test_objectives_train_with_finite_losses(objective, variant):
     assert "sleep_loss" in metrics if objective in ("ehm", "svae") else "sleep_loss" not in metrics
     assert any(not torch.equal(a, b) for a, b in zip(before, m.decoder.parameters())), "the decoder did not move"
     assert ehm.step_count == 3
+
+
+def test_laplace_sleep_draw_of_an_exact_zero_stays_finite(monkeypatch):
+    """torch.rand returns exactly 0 once in 2^24 draws (about one step in six at batch 256, 64x64 RGB),
+    and the Laplace inverse CDF of 0 is -inf; the step must neither produce nor skip a NaN."""
+    ehm = EHM(tiny_models(likelihood="laplace"), likelihood="laplace", sleep_noise=True, n_critic=1)
+    draw = ehm._draw_noise
+
+    def with_extremes(like):
+        noise = draw(like)
+        noise[0, 0, :2, :2] = 0.0
+        noise[1, 0, 0, 0] = 1.0 - 2.0**-24  # the largest value torch.rand can return
+        return noise
+
+    monkeypatch.setattr(ehm, "_draw_noise", with_extremes)
+    x, log_p = ehm._sample_x(torch.zeros(2, 1, 32, 32), with_extremes(torch.empty(2, 1, 32, 32)))
+    scale = ehm.models.decoder.log_scale.exp().item()
+    assert torch.isfinite(x).all() and torch.isfinite(log_p).all()
+    assert x[0, 0, 0, 0].item() == pytest.approx(-24 * math.log(2) * scale, rel=1e-5)  # the 2^-24 quantile
+    for _ in range(2):
+        metrics = ehm.step(iter([real_batch() for _ in range(ehm.batches_needed())]))
+    assert all(torch.isfinite(v).all() for v in metrics.values()) and float(metrics["bad_steps"]) == 0
 
 
 def test_bf16_autocast_and_channels_last_on_the_cpu():
