@@ -430,7 +430,8 @@ class Run:
         e, n = self.ehm, sum(p.numel() for p in self.models.parameters())
         print(f"{PROG}: {self.cfg.objective} on {self.cfg.data} ({self.cfg.image_size}px, {self.channels} channel(s)), "
               f"{n / 1e6:.2f}M parameters, device {self.device} (amp={e.amp}, channels_last={e.channels_last}, "
-              f"cuda_graph={e.cuda_graph}), {self._parallelism()}, run folder {self.run_dir}", file=sys.stderr)
+              f"cuda_graph={e.cuda_graph}, image_layers={self.cfg.image_layers}), {self._parallelism()}, "
+              f"run folder {self.run_dir}", file=sys.stderr)
 
     def _parallelism(self) -> str:
         w, b = self.world_size, self.cfg.batch_size
