@@ -35,12 +35,11 @@ class TorchvisionStyleLSUN(torch.utils.data.Dataset):
 
     def __init__(self, path: Path, size: int) -> None:
         import lmdb
-        from PIL import Image
 
         self.env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
         with self.env.begin() as txn:
             self.keys = list(txn.cursor().iternext(keys=True, values=False))
-        self.size, self.Image = size, Image
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -48,10 +47,10 @@ class TorchvisionStyleLSUN(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         with self.env.begin() as txn:
             data = txn.get(self.keys[i])
-        img = self.Image.open(io.BytesIO(data)).convert("RGB")
+        img = Image.open(io.BytesIO(data)).convert("RGB")
         w, h = img.size
         scale = self.size / min(w, h)  # Resize(size): shorter side to size, then CenterCrop(size)
-        img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), self.Image.Resampling.BILINEAR)
+        img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.Resampling.BILINEAR)
         w, h = img.size
         left, top = (w - self.size) // 2, (h - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))

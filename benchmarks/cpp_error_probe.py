@@ -72,6 +72,15 @@ REAL = {
     ),
 }
 
+# A loaded tiny extension `mod`, called so that its check fails.
+TINY_CALL = """
+print("built", flush=True)
+try:
+    mod.fail(torch.zeros(1))
+except RuntimeError as e:
+    print("raised RuntimeError:", str(e).splitlines()[0])
+"""
+
 CHILD = """
 import sys, torch
 from torch.utils.cpp_extension import load_inline
@@ -80,12 +89,7 @@ src = "".join(f"#define {{k}} {{v}}\\n" for k, v in macros.items())
 src += "#ifndef THROW_STD\\n#define THROW_STD 0\\n#endif\\n#ifndef RELEASE_GIL\\n#define RELEASE_GIL 0\\n#endif\\n"
 mod = load_inline(name, cpp_sources=[src + {source!r}], cuda_sources=[{cuda_source!r}] if cuda else None,
                   extra_cflags=cflags, extra_ldflags=ldflags, build_directory=build, verbose=False)
-print("built", flush=True)
-try:
-    mod.fail(torch.zeros(1))
-except RuntimeError as e:
-    print("raised RuntimeError:", str(e).splitlines()[0])
-"""
+""" + TINY_CALL.replace("{", "{{").replace("}", "}}")
 
 
 def probe(index: int, name: str, spec: tuple, root: str) -> tuple[str, str]:
@@ -110,7 +114,7 @@ def probe_setuptools(root: str) -> tuple[str, str]:
     r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=build, capture_output=True, text=True)
     links = [line for line in r.stdout.splitlines() if " -shared " in line]
     print("setuptools link line:", links[-1] if links else "(none: " + r.stderr.strip()[-200:] + ")", flush=True)
-    code = "import torch, ehm_probe_st as mod\nprint('built', flush=True)\n" + CHILD.split('print("built", flush=True)')[1]
+    code = "import torch, ehm_probe_st as mod\n" + TINY_CALL
     child = subprocess.run([sys.executable, "-c", code], cwd=build, capture_output=True, text=True, timeout=120)
     return "TORCH_CHECK, built by setuptools like ehm_fast._C", verdict(child)
 
