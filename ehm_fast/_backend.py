@@ -152,6 +152,28 @@ def resolve(backend: str | None, device: torch.device) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
+def resolve_layer(backend: str | None, device: torch.device) -> str:
+    """The implementation of a layer op of ehm_fast.nn ("triton" or "torch") that runs on `device`.
+
+    The layers have Triton kernels and the plain-PyTorch reference, no C++/CUDA ones: "auto" and
+    "cuda" take Triton on CUDA tensors; "auto" and "cpu" take the reference on CPU tensors (Triton
+    there is the interpreter, for tests: ask for it with "triton")."""
+    name = _check_name(backend) if backend is not None else get_backend()
+    kind = device.type
+    if name == "torch":
+        return name
+    if name in ("cpu", "cuda") and kind != name:
+        raise ValueError(f"backend {name!r} runs on {name.upper()} tensors, got tensors on {device}")
+    if name == "auto":
+        if kind == "cuda" and triton_available("cuda"):
+            return "triton"
+        return "torch"
+    if name == "cpu":
+        return "torch"
+    return resolve("triton", device)
+
+
 def kernels_for(backend: str) -> ModuleType:
     """The module whose functions implement the compiled ops for a concrete backend.
 

@@ -43,6 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import losses
 from .config import ConfigError, EHMConfig
 from .models import EHMModels
+from .nn.layers import profile_range
+from .nn.weights import WeightCache
 
 _HALF_OPEN = 0.5 - 2.0**-25  # the largest float32 below 0.5: |u| of a Laplace draw stays under 1/2
 
@@ -120,7 +122,10 @@ class EHM:
         self.cuda_graph = graph_ok if cfg.cuda_graph is None else bool(cfg.cuda_graph) and graph_ok
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         models.to(memory_format=self.memory_format)
-        models.set_image_layers(cfg.image_layers)
+        layers = models.configure_layers(levers=cfg.layer_levers, backend=cfg.backend, image_layers=cfg.image_layers)
+        # SVRG/STORM evaluate at swapped-in weights, which a cache would not see
+        cached = self.amp and cfg.optimizer == "adam" and "weight_cache" in layers.levers
+        self.weight_cache = WeightCache(models.conv_parameters()) if cached else None
         self.estimator = "jensen" if cfg.objective == "wgan-gp" else cfg.estimator
         self.uses_critic = cfg.objective != "vae"
         self.g_params = models.generator_parameters()
@@ -226,9 +231,14 @@ class EHM:
     # ------------------------------------------------------------------ one iteration
     def _iteration(self, real: list[Tensor], n_critic: int) -> Metrics:
         metrics: Metrics = {}
-        for i in range(n_critic):
-            metrics.update(self._critic_step(real[i]))
-        metrics.update(self._generator_step(real[n_critic]))
+        with self.models.encoder.body.layers.cached(self.weight_cache):
+            if self.weight_cache is not None:
+                self.weight_cache.refresh()  # the weights as this iteration finds them
+            for i in range(n_critic):
+                with profile_range("critic_step"):
+                    metrics.update(self._critic_step(real[i]))
+            with profile_range("generator_step"):
+                metrics.update(self._generator_step(real[n_critic]))
         metrics["bad_steps"] = self.bad_steps
         return metrics
 
@@ -266,6 +276,8 @@ class EHM:
             with torch.no_grad():
                 torch._foreach_clamp_min_(self.c_params, -self.cfg.clip_value)
                 torch._foreach_clamp_max_(self.c_params, self.cfg.clip_value)
+        if self.weight_cache is not None:
+            self.weight_cache.refresh(self.c_params)  # the generator step and the next critic step read them
         return metrics
 
     def _fresh_batch(self, x: Tensor) -> Tensor:
@@ -296,7 +308,7 @@ class EHM:
         e = self._draw("rand", (b, 1, 1, 1), dtype=x.dtype)
 
         def closure() -> tuple[Tensor, Metrics]:
-            with self._autocast():
+            with self._autocast(), profile_range("critic_loss"):
                 f_real, f_fake = m.critic(torch.cat([x, fake])).float().split(b)
             loss = self._critic_loss(f_real, f_fake, log_p)
             out = {"critic_loss": loss.detach(), "critic_gap": (f_real.mean() - f_fake.mean()).detach()}
@@ -313,9 +325,10 @@ class EHM:
 
     def _gradient_penalty(self, x: Tensor, fake: Tensor, e: Tensor) -> Tensor:
         x_hat = (e * x + (1 - e) * fake).requires_grad_(True)
-        with self._autocast():
+        with self._autocast(), profile_range("penalty_forward"):
             f_hat = self.models.critic(x_hat)
-        (g,) = torch.autograd.grad(f_hat.float().sum(), x_hat, create_graph=True)
+        with profile_range("penalty_input_gradient"):
+            (g,) = torch.autograd.grad(f_hat.float().sum(), x_hat, create_graph=True)
         norm = torch.sqrt(g.float().pow(2).flatten(1).sum(1) + self.cfg.gp_eps)
         return (norm - 1).pow(2).mean()
 
@@ -341,11 +354,13 @@ class EHM:
                     f = m.critic(m.decoder(z_sleep).contiguous(memory_format=self.memory_format)).float()
                 loss = -f.mean()
                 return loss, {"gen_loss": loss.detach()}
-            wake, out = self._wake(x, eps_wake)
+            with profile_range("wake"):
+                wake, out = self._wake(x, eps_wake)
             total = wake.mean()
             out["wake_loss"] = total.detach()
             if obj in ("ehm", "svae"):
-                sleep = self._sleep(z_sleep, noise_x).mean()
+                with profile_range("sleep"):
+                    sleep = self._sleep(z_sleep, noise_x).mean()
                 out["sleep_loss"] = sleep.detach()
                 total = total + sleep
             out["gen_loss"] = total.detach()
@@ -457,7 +472,8 @@ class EHM:
             return box["m"]
         opt.zero_grad(set_to_none=True)
         loss, metrics = run(closure)
-        loss.backward()
+        with profile_range("backward"):
+            loss.backward()
         # 0-d like GradScaler's found_inf: fused Adam subtracts it in place from its 0-d step counts
         found = (~torch.isfinite(loss.detach())).float()
         grads = [p.grad for p in params if p.grad is not None]
@@ -466,7 +482,8 @@ class EHM:
         found = self._any_rank(found)
         if self._device_skip:
             opt.found_inf = found  # fused Adam: the kernel does nothing where found_inf is 1
-            opt.step()
+            with profile_range("optimizer"):
+                opt.step()
         elif not found.item():
             opt.step()
         self.bad_steps += found

@@ -10,17 +10,20 @@ layers with the very same Parameter objects (the seed's tied encoder/decoder).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .nn import layers as L
+from .nn.layers import LayerOptions
+from .nn.options import IMAGE_LAYERS, parse_levers
 
 IMAGE_SIZES = (32, 64, 128)
 NORMS = ("batch", "layer", "none")
 CRITIC_NORMS = ("layer", "none")  # no BatchNorm under a gradient penalty (it couples samples)
 LIKELIHOODS = ("gaussian", "laplace", "bernoulli")
 SCALE_SHAPES = ("scalar", "channel")
-IMAGE_LAYERS = ("cudnn", "matmul")
 
 
 def check_image_size(image_size: int) -> int:
@@ -53,54 +56,22 @@ def _dcgan_init(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def image_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """conv2d(x, weight, bias, stride=2, padding=1) as im2col + one matmul, for the layer that reads
-    the image. With 3 input channels cuDNN pads to 8 and runs a generic kernel: on an H200 those
-    convolutions (forward, backward and the penalty's double backward) took 3.5 of the 13.4 ms of
-    an iteration at batch 256. The same sums, differentiable to any order (unfold and fold are each
-    other's backward). Output: channels_last strides when x has them."""
-    b, _, h, w = x.shape
-    out_channels, _, k, _ = weight.shape
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    cols = F.unfold(x.to(_compute_dtype(x)), k, padding=1, stride=2)  # [B, C*k*k, L]
-    out = cols.transpose(1, 2) @ weight.reshape(out_channels, -1).t()  # [B, L, O]: a row per output pixel
-    if bias is not None:
-        out = out + bias.to(out.dtype)
-    out = out.view(b, (h + 2 - k) // 2 + 1, (w + 2 - k) // 2 + 1, out_channels).permute(0, 3, 1, 2)
-    return out if channels_last else out.contiguous()
-
-
-def image_conv_transpose(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """conv_transpose2d(h, weight, bias, stride=2, padding=1) as one matmul + col2im (fold), for the
-    layer that writes the image: its backward to h is then unfold + matmul instead of a cuDNN
-    convolution with 3 input channels. weight: [C_in, C_out, k, k]."""
-    b, c, height, width = h.shape
-    k = weight.shape[2]
-    rows = h.to(_compute_dtype(h)).permute(0, 2, 3, 1).reshape(b, height * width, c)  # a view when channels_last
-    cols = rows @ weight.reshape(c, -1)  # [B, L, C_out*k*k]
-    out = F.fold(cols.transpose(1, 2), (2 * (height - 1) - 2 + k, 2 * (width - 1) - 2 + k), k, padding=1, stride=2)
-    return out if bias is None else out + bias.to(out.dtype).view(1, -1, 1, 1)
-
-
 class _DownStack(nn.Module):
     """Image [B, C, S, S] -> features [B, widths[-1], 4, 4]; no norm on the first level (DCGAN)."""
 
-    def __init__(self, channels: int, widths: list[int], norm: str) -> None:
+    def __init__(self, channels: int, widths: list[int], norm: str, name: str) -> None:
         super().__init__()
+        self.name = name  # of its profiler ranges
         ins = [channels] + widths[:-1]
         self.convs = nn.ModuleList(nn.Conv2d(i, o, 4, 2, 1, bias=False) for i, o in zip(ins, widths))
         self.norms = nn.ModuleList(nn.Identity() if k == 0 else _norm(norm, o) for k, o in enumerate(widths))
-        self.image_layer = "cudnn"
+        self.layers = LayerOptions()
 
     def forward(self, x: Tensor) -> Tensor:
         for k, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            x = image_conv(x, conv.weight, conv.bias) if k == 0 and self.image_layer == "matmul" else conv(x)
-            x = F.leaky_relu(norm(x), 0.2)
+            with L.profile_range(f"{self.name}.layer{k + 1}"):
+                x = L.conv2d(x, conv.weight, conv.bias, 2, 1, self.layers, image=k == 0)
+                x = L.norm_act(x, norm, "lrelu", self.layers)
         return x
 
 
@@ -111,14 +82,23 @@ class Encoder(nn.Module):
         super().__init__()
         self.image_size, self.channels, self.z_dim = image_size, channels, z_dim
         widths = level_widths(image_size, width)
-        self.body = _DownStack(channels, widths, norm)
+        self.body = _DownStack(channels, widths, norm, "encoder")
         self.mu_head = nn.Conv2d(widths[-1], z_dim, 4, 1, 0)
         self.logvar_head = nn.Conv2d(widths[-1], z_dim, 4, 1, 0)
         _dcgan_init(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.body(x)
-        return self.mu_head(h).flatten(1), self.logvar_head(h).flatten(1)
+        h, opts = self.body(x), self.body.layers
+        heads = (self.mu_head, self.logvar_head)
+        with L.profile_range("encoder.heads"):
+            if "merge" in opts.levers:  # both heads read h: one call with both weight sets
+                dtype = L.compute_dtype(h)
+                weight, bias = (torch.cat([L.cast(t, dtype, opts) for t in ts])
+                                for ts in ((m.weight for m in heads), (m.bias for m in heads)))
+                mu, logvar = L.conv2d(h, weight, bias, 1, 0, opts).flatten(1).split(self.z_dim, 1)
+            else:
+                mu, logvar = (L.conv2d(h, m.weight, m.bias, 1, 0, opts).flatten(1) for m in heads)
+        return mu, logvar
 
 
 class Decoder(nn.Module):
@@ -173,19 +153,26 @@ class Decoder(nn.Module):
         self.norms = nn.ModuleList(_norm(norm, i) for i in self._ins[1:])
         shape = (1, 1, 1) if scale_shape == "scalar" else (channels, 1, 1)
         self.log_scale = nn.Parameter(torch.full(shape, float(log_scale)), requires_grad=learn_scale)
-        self.image_layer = "cudnn"
+        self.layers = LayerOptions()
+
+    def _up(self, h: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module | None, stride: int, padding: int) -> Tensor:
+        """Transposed conv + bias + norm + activation (ReLU; the output layer's tanh or none). The
+        bias joins the fused op that follows where a lever fuses it, else the convolution."""
+        opts = self.layers
+        activation = "relu" if norm is not None else ("linear" if self.likelihood == "bernoulli" else "tanh")
+        fold = L.folds_bias(norm, opts)
+        h = L.conv_transpose2d(h, weight, None if fold else bias, stride, padding, opts, image=norm is None)
+        if norm is None:
+            return L.bias_act(h, bias if fold else None, activation, opts)
+        return L.norm_act(h, norm, activation, opts, input_bias=bias if fold else None)
 
     def output(self, z: Tensor) -> Tensor:
-        h = F.conv_transpose2d(z[:, :, None, None], self.top_weight, self.top_bias)
-        h = F.relu(self.top_norm(h))
+        with L.profile_range("decoder.top"):
+            h = self._up(z[:, :, None, None], self.top_weight, self.top_bias, self.top_norm, 1, 0)
         for k in reversed(range(len(self.weights))):
-            if k == 0 and self.image_layer == "matmul":
-                h = image_conv_transpose(h, self.weights[k], self.biases[k])
-            else:
-                h = F.conv_transpose2d(h, self.weights[k], self.biases[k], stride=2, padding=1)
-            if k > 0:
-                h = F.relu(self.norms[k - 1](h))
-        return h if self.likelihood == "bernoulli" else torch.tanh(h)
+            with L.profile_range(f"decoder.layer{k + 1}"):
+                h = self._up(h, self.weights[k], self.biases[k], self.norms[k - 1] if k > 0 else None, 2, 1)
+        return h
 
     def to_image(self, out: Tensor) -> Tensor:
         """The likelihood's parameter as an image in [-1, 1] (its mean)."""
@@ -203,12 +190,14 @@ class Critic(nn.Module):
         if norm not in CRITIC_NORMS:
             raise ValueError(f"critic norm must be one of {CRITIC_NORMS} (no BatchNorm under a gradient penalty), got {norm!r}")
         widths = level_widths(image_size, width)
-        self.body = _DownStack(channels, widths, norm)
+        self.body = _DownStack(channels, widths, norm, "critic")
         self.head = nn.Conv2d(widths[-1], 1, 4, 1, 0)
         _dcgan_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x)).flatten()
+        h = self.body(x)
+        with L.profile_range("critic.head"):
+            return L.conv2d(h, self.head.weight, self.head.bias, 1, 0, self.body.layers).flatten()
 
 
 class VampPrior(nn.Module):
@@ -287,14 +276,36 @@ class EHMModels(nn.Module):
         )
         self.critic = Critic(image_size, channels, critic_width or width, critic_norm)
         self.prior = VampPrior(vamp_components, image_size, channels) if prior == "vamp" else None
+        shared = self.encoder.body.layers  # one set of options for every layer
+        self.critic.body.layers = self.decoder.layers = shared
 
-    def set_image_layers(self, kind: str) -> None:
-        """How the layers that read or write images run: "cudnn" (conv2d / conv_transpose2d) or
-        "matmul" (`image_conv` / `image_conv_transpose`: the same sums as im2col + matmul)."""
-        if kind not in IMAGE_LAYERS:
-            raise ValueError(f"image layers must be one of {IMAGE_LAYERS}, got {kind!r}")
-        for module in (self.encoder.body, self.critic.body, self.decoder):
-            module.image_layer = kind
+    def configure_layers(self, *, levers: str | tuple[str, ...] | None = None, backend: str | None = None,
+                         image_layers: str | None = None, process_group: Any = None) -> LayerOptions:
+        """What every layer of the players runs (one shared `LayerOptions`; arguments left None keep
+        their value): `levers`, ehm_fast.nn's speedups in force (see ehm_fast.nn.options: "all",
+        "none" or a list); `backend` of the fused layer ops (None: the global default); the form
+        of the layers that read or write images: "cudnn" (conv2d / conv_transpose2d) or "matmul"
+        (the same sums as im2col + matmul); `process_group` of synchronised batch norm."""
+        opts = self.encoder.body.layers
+        if image_layers is not None:
+            if image_layers not in IMAGE_LAYERS:
+                raise ValueError(f"image layers must be one of {IMAGE_LAYERS}, got {image_layers!r}")
+            opts.image_layers = image_layers
+        if levers is not None:
+            opts.levers = parse_levers(levers)
+        if backend is not None:
+            opts.backend = backend
+        if process_group is not None:
+            opts.process_group = process_group
+        return opts
+
+    def conv_parameters(self) -> list[nn.Parameter]:
+        """The weights and biases that convolutions read (what a weight cache holds), each once."""
+        convs = [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+        dec = self.decoder
+        found = [p for m in convs for p in (m.weight, m.bias) if p is not None]
+        found += [*dec.weights, dec.top_weight]
+        return list({id(p): p for p in found}.values())
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """Encoder, decoder and prior parameters, each once (tied weights are shared), trainable only."""

@@ -39,6 +39,7 @@ from .config import (
 )
 from .data import open_data
 from .models import EHMModels, check_image_size
+from .nn.options import parse_levers
 
 PROG = "ehm-train"
 
@@ -241,9 +242,12 @@ class Run:
                 why = f"--norm is {cfg.norm}" if cfg.norm != "batch" else "there is one process"
                 warnings.warn(f"--sync-bn has no effect: {why}", RuntimeWarning, stacklevel=2)
             return models
+        if "bn_act" in parse_levers(cfg.layer_levers):  # the fused op combines the statistics itself
+            models.configure_layers(process_group=dist.group.WORLD)
+            return models
         if self.device.type != "cuda":
-            raise ConfigError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm runs on GPUs only): on the CPU "
-                              "use --norm layer, or BatchNorm per process without --sync-bn")
+            raise ConfigError("--sync-bn with the bn_act lever off needs CUDA devices (PyTorch's SyncBatchNorm runs on "
+                              "GPUs only): on the CPU keep bn_act, use --norm layer, or BatchNorm per process")
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(models)
 
     def _restore(self, state: dict[str, Any], path: Path | None) -> None:

@@ -115,7 +115,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_image_layers_as_matmul_are_the_convolutions(device):
-    from ehm_fast.models import image_conv, image_conv_transpose
+    from ehm_fast.nn.image import image_conv, image_conv_transpose
 
     g = torch.Generator().manual_seed(0)
     f64 = dict(dtype=torch.float64, device=device)
@@ -135,7 +135,7 @@ def test_image_layers_as_matmul_are_the_convolutions(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_image_layers_as_matmul_keep_the_memory_format_and_the_autocast_dtype(device):
-    from ehm_fast.models import image_conv, image_conv_transpose
+    from ehm_fast.nn.image import image_conv, image_conv_transpose
 
     x = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     w = torch.randn(16, 3, 4, 4, device=device) * 0.1
@@ -155,7 +155,7 @@ def test_image_layers_as_matmul_keep_the_memory_format_and_the_autocast_dtype(de
 def test_ehm_step_with_matmul_image_layers_equals_cudnn(share_weights, monkeypatch):
     """The wiring: every image layer of the three networks (tied or not) takes the matmul path, and
     the training step's losses match cuDNN's to float32 rounding (the sums are exact in float64 above)."""
-    from ehm_fast import models as models_module
+    from ehm_fast.nn import layers as models_module
     from ehm_fast.config import EHMConfig
     from ehm_fast.ehm import EHM
 
@@ -188,4 +188,4 @@ def test_ehm_step_with_matmul_image_layers_equals_cudnn(share_weights, monkeypat
 
 def test_unknown_image_layers_are_refused():
     with pytest.raises(ValueError, match="image layers must be one of"):
-        EHMModels(image_size=32, channels=3, z_dim=4, width=4).set_image_layers("winograd")
+        EHMModels(image_size=32, channels=3, z_dim=4, width=4).configure_layers(image_layers="winograd")

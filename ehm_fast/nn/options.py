@@ -1,0 +1,40 @@
+"""Which of ehm_fast.nn's exact layer speedups are in force (a leaf module: the config reads it)."""
+
+from __future__ import annotations
+
+IMAGE_LAYERS = ("cudnn", "matmul")
+LEVERS = ("conv", "bn_act", "bias_act", "weight_cache", "merge")
+LEVER_HELP = {
+    "conv": "convolutions whose backward never recomputes through the saved input (no zero path in the "
+            "penalty's double backward)",
+    "bn_act": "batch norm + activation as one fused op (Triton on a GPU)",
+    "bias_act": "bias + activation as one fused op with an exactly-zero mask derivative",
+    "weight_cache": "bf16 copies of the weights made once per optimizer step, not at every use",
+    "merge": "one convolution where two read the same input (the encoder's mean and log-variance heads)",
+}
+
+
+def parse_levers(text: str | tuple[str, ...] | frozenset[str]) -> frozenset[str]:
+    """"all", "none", or a comma-separated list of LEVERS (a "-name" entry removes one from all)."""
+    if not isinstance(text, str):
+        items = [str(t) for t in text]
+    else:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+    if items == ["all"]:
+        return frozenset(LEVERS)
+    if items in ([], ["none"]):
+        return frozenset()
+    if all(t.startswith("-") for t in items):
+        chosen = set(LEVERS)
+        for t in items:
+            _check(t[1:])
+            chosen.discard(t[1:])
+        return frozenset(chosen)
+    for t in items:
+        _check(t)
+    return frozenset(items)
+
+
+def _check(name: str) -> None:
+    if name not in LEVERS:
+        raise ValueError(f"layer lever must be one of {LEVERS} (or all / none / -name), got {name!r}")
