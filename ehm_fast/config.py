@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .nn.options import IMAGE_LAYERS, LEVER_HELP, parse_levers
+from .nn.options import IMAGE_LAYERS, LEVER_HELP, levers_for
 
 OBJECTIVES = ("ehm", "svae", "vae", "wgan-gp")
 ESTIMATORS = ("importance", "jensen")
@@ -76,8 +76,8 @@ class EHMConfig:
                                   "optimizer can skip a non-finite step on the device)")
     image_layers: str = opt("cudnn", "the layers that read and write images (3 channels): cudnn convolutions, or "
                             "matmul (im2col + one matmul: the same sums; not yet timed on a GPU)", IMAGE_LAYERS)
-    layer_levers: str = opt("all", "the exact layer speedups of ehm_fast.nn in force: all, none, a comma list, or "
-                            "-name,... for all but those; " + "; ".join(f"{k}: {v}" for k, v in LEVER_HELP.items()))
+    layer_levers: str = opt("auto", "the exact layer speedups of ehm_fast.nn in force: auto (all on a GPU, none on "
+                            "the CPU), all, none, a comma list, or -name,... for all but those; " + "; ".join(f"{k}: {v}" for k, v in LEVER_HELP.items()))
     local_log_partition: bool = opt(False, "with several processes, estimate the importance log-partition over each "
                                     "process's own samples instead of the samples of all processes")
     max_bad_steps: int = opt(50, "stop after this many steps skipped for non-finite losses or gradients")
@@ -187,7 +187,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         if not getattr(config, name) > 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
     try:
-        parse_levers(config.layer_levers)
+        levers_for(config.layer_levers, "cpu")
     except ValueError as exc:
         raise ConfigError(f"layer_levers: {exc}") from None
     return config

@@ -44,6 +44,7 @@ from . import losses
 from .config import ConfigError, EHMConfig
 from .models import EHMModels
 from .nn.layers import profile_range
+from .nn.options import levers_for
 from .nn.weights import WeightCache
 
 _HALF_OPEN = 0.5 - 2.0**-25  # the largest float32 below 0.5: |u| of a Laplace draw stays under 1/2
@@ -122,7 +123,8 @@ class EHM:
         self.cuda_graph = graph_ok if cfg.cuda_graph is None else bool(cfg.cuda_graph) and graph_ok
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         models.to(memory_format=self.memory_format)
-        layers = models.configure_layers(levers=cfg.layer_levers, backend=cfg.backend, image_layers=cfg.image_layers)
+        layers = models.configure_layers(levers=levers_for(cfg.layer_levers, self.device.type), backend=cfg.backend,
+                                         image_layers=cfg.image_layers)
         # SVRG/STORM evaluate at swapped-in weights, which a cache would not see
         cached = self.amp and cfg.optimizer == "adam" and "weight_cache" in layers.levers
         self.weight_cache = WeightCache(models.conv_parameters()) if cached else None

@@ -39,7 +39,7 @@ from .config import (
 )
 from .data import open_data
 from .models import EHMModels, check_image_size
-from .nn.options import parse_levers
+from .nn.options import levers_for
 
 PROG = "ehm-train"
 
@@ -242,7 +242,7 @@ class Run:
                 why = f"--norm is {cfg.norm}" if cfg.norm != "batch" else "there is one process"
                 warnings.warn(f"--sync-bn has no effect: {why}", RuntimeWarning, stacklevel=2)
             return models
-        if "bn_act" in parse_levers(cfg.layer_levers):  # the fused op combines the statistics itself
+        if "bn_act" in levers_for(cfg.layer_levers, self.device.type):  # the fused op combines the statistics itself
             models.configure_layers(process_group=dist.group.WORLD)
             return models
         if self.device.type != "cuda":

@@ -32,12 +32,18 @@ def _step_and_gradients(levers: str, norm: str, seed: int, share_weights: bool =
     return losses, grads, buffers
 
 
+# Losses of the first iteration computed before any update reaches them; the rest follow an Adam
+# step, whose first update is lr * sign(g): gradients equal to rounding but exactly zero in exact
+# arithmetic (the critic head's bias under the importance estimate, biases before a norm) take
+# either sign, and the sleep loss weighs f by critic_weight = 100
+BEFORE_ANY_UPDATE = ("critic_loss", "critic_gap", "gp", "ess", "wake_loss", "rec_nll", "rec_mse")
+
+
 def _assert_losses_agree(losses, ref_losses):
-    # the first iteration to float32 rounding; the second after one Adam step, whose first update
-    # is lr * sign(g): gradients equal to rounding but near zero may take either sign
     for it, (a, b) in enumerate(zip(losses, ref_losses)):
         for key in b:
-            assert a[key] == pytest.approx(b[key], rel=1e-5 if it == 0 else 1e-2, abs=1e-6), (it, key)
+            rel = 1e-5 if it == 0 and key in BEFORE_ANY_UPDATE else 1e-2
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), (it, key)
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])

@@ -23,7 +23,7 @@ from .bias_act import bias_act
 from .conv import conv2d, conv_transpose2d
 from .image import image_conv, image_conv_transpose
 from .layers import LayerOptions
-from .options import IMAGE_LAYERS, LEVERS, parse_levers
+from .options import IMAGE_LAYERS, LEVERS, levers_for, parse_levers
 from .weights import WeightCache
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "conv_transpose2d",
     "image_conv",
     "image_conv_transpose",
+    "levers_for",
     "parse_levers",
 ]

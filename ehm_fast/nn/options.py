@@ -14,6 +14,14 @@ LEVER_HELP = {
 }
 
 
+def levers_for(text: str | tuple[str, ...] | frozenset[str], device_type: str) -> frozenset[str]:
+    """`parse_levers`, with "auto" = all on a GPU and none on the CPU, where the fused ops run as
+    their references and the CPU's transposed convolutions are slower than its convolution backward."""
+    if text == "auto":
+        return frozenset(LEVERS) if device_type == "cuda" else frozenset()
+    return parse_levers(text)
+
+
 def parse_levers(text: str | tuple[str, ...] | frozenset[str]) -> frozenset[str]:
     """"all", "none", or a comma-separated list of LEVERS (a "-name" entry removes one from all)."""
     if not isinstance(text, str):
