@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile: 32 fp32 per thread at 4 warps
+TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile
+NUM_WARPS = 8  # 16 elements per thread: the backward's fp32 temporaries (fp64 in tests) stay in registers
 MAX_BLOCK_C = 64  # 128 B of bf16 channels per row segment: coalesced channels_last loads
 TARGET_PROGRAMS = 1024  # reduction programs per launch: several per SM on an H100/H200
 
@@ -225,7 +226,8 @@ class _Geometry:
 
     @property
     def meta(self) -> dict:
-        return dict(CHANNELS_LAST=self.channels_last, WIDE=self.wide, BLOCK_R=self.block_r, BLOCK_C=self.block_c)
+        return dict(CHANNELS_LAST=self.channels_last, WIDE=self.wide, BLOCK_R=self.block_r, BLOCK_C=self.block_c,
+                    num_warps=NUM_WARPS)
 
     @property
     def c_blocks(self) -> int:
@@ -281,7 +283,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean, m2 = x.new_empty(g.c, dtype=acc), x.new_empty(g.c, dtype=acc)
     block_p = max(1, min(triton.next_power_of_2(chunks), TILE // g.block_c))
     _bn_stats_combine_kernel[(g.c_blocks,)](mean_p, m2_p, mean, m2, chunks, g.rows, g.c, per, BLOCK_P=block_p,
-                                            BLOCK_C=g.block_c)
+                                            BLOCK_C=g.block_c, num_warps=NUM_WARPS)
     return mean, m2
 
 
