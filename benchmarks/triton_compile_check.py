@@ -35,6 +35,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from ehm_fast import kernels as K  # noqa: E402
+from ehm_fast.nn.bias_act import ACTIVATIONS as BIAS_ACTIVATIONS  # noqa: E402
 
 
 @dataclass
@@ -164,6 +165,24 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
                 K.vamp_bwd(torch.empty(z.shape[0], dtype=z.dtype), z, mu, mu, lse, False, True, False)
             jobs.append((f"vamp {dt} z={tuple(z.shape)} K={k}", run))
 
+        # bias_act: channels-last (inner == 1, specialised) and contiguous NCHW, 2-D, all sizes 1;
+        # the bf16 one past 2**31 elements exercises the int64 block starts (never touched)
+        ba_cases = ([((256, 128, 16, 16), True), ((256, 3, 64, 64), False), ((256, 512), False),
+                     ((1, 1, 1, 1), False)] if not quick else [((4, 8, 3, 3), True), ((2, 3, 5, 5), False)])
+        if dt == torch.bfloat16 and not quick:
+            ba_cases.append(((2**16, 2**15 + 1), False))
+        for shape, channels_last in ba_cases:
+            x = torch.empty(shape, dtype=dt)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            bias = torch.empty(shape[1], dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            for act in BIAS_ACTIVATIONS:
+                def run_bias_act(x=x, bias=bias, act=act):
+                    K.bias_act_fwd(x, bias, act, 0.2)
+                    K.bias_act_fwd(x, None, act, 0.2)
+                    K.bias_act_bwd(x, x, act, 0.2)
+                jobs.append((f"bias_act {dt} {tuple(x.shape)} cl={channels_last} {act}", run_bias_act))
+
         shapes = [(3, 5), (70000,), (1,)] if not quick else [(3, 5)]
         params = [torch.empty(s, dtype=dt) for s in shapes]
         st = torch.float64 if dt == torch.float64 else torch.float32
@@ -181,6 +200,31 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
                         K.cv_sgd_(params, params, ref, anc, state if mom else [], dirs, 1.0, 0.1, mom, 0.0, 0.01,
                                   nest, first)
         jobs.append((f"optim {dt}", run_optim))
+
+    # batch norm + activation: the DCGAN layers at batch 256 (bf16 channels_last on the GPU) and odd
+    # sizes, both layouts, each activation, with and without affine parameters; forward, backward
+    # with batch statistics and with running ones
+    def bn_job(x, act, affine):
+        vec = torch.empty(x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        p = vec if affine else None
+
+        def run():
+            mean, m2 = K.bn_stats(x)
+            K.bn_act_fwd(x, mean, m2, p, p, vec, act, 0.2)
+            sums = K.bn_act_bwd_sums(x, x, mean, m2, p, p, vec, act, 0.2)
+            K.bn_act_bwd_dx(x, x, mean, m2, p, p, vec, sums[:2], act, 0.2)
+            K.bn_act_bwd_dx(x, x, mean, m2, p, p, None, None, act, 0.2)
+        return f"batch_norm {x.dtype} {tuple(x.shape)} cl={not x.is_contiguous()} act={act} affine={affine}", run
+
+    bn_shapes = [(256, 512, 4, 4), (256, 256, 8, 8), (256, 128, 16, 16), (256, 128, 32, 32), (256, 64, 32, 32),
+                 (3, 5, 7, 7), (2, 3, 1, 1)] if not quick else [(4, 8, 4, 4), (3, 5, 1, 1)]
+    bn_x = [torch.empty(n, h, w, c, dtype=dt).permute(0, 3, 1, 2) if cl else torch.empty(n, c, h, w, dtype=dt)
+            for (n, c, h, w), dt, cl in itertools.product(bn_shapes, dtypes, (True, False))]
+    if not quick:  # 2**31 elements: int64 offsets (never touched)
+        bn_x.append(torch.empty(16384, 32, 32, 128, dtype=torch.bfloat16).permute(0, 3, 1, 2))
+    for x in bn_x:
+        for act, affine in ((0, True), (1, True), (2, True), (2, False)):
+            jobs.append(bn_job(x, act, affine))
     return jobs
 
 
