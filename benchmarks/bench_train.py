@@ -5,11 +5,16 @@ Rows:
   1. plain     : plain PyTorch as a user writes it (eager, fp32, fused Adam, cudnn.benchmark)
   2. plain+    : the same with bf16 autocast + channels_last + whole-iteration CUDA graph
   3. ehm_fast  : ehm_fast's training step with its defaults
-  4. ehm_fast -<feature>: each speed feature turned off in turn
+  4. ehm_fast -<feature>: each speed feature turned off in turn, first each layer lever of
+     ehm_fast.nn (--layer-levers), then the rest
   5. variants: weight clipping instead of the penalty, and the SVRG / STORM optimizers
   6. ehm_fast +<option>: a speed option not (yet) on by default
-Reports images/s, ms per iteration, peak memory and model FLOP utilisation (FLOPs counted once
-with torch.utils.flop_counter, divided by the bf16 matmul peak measured in the same run).
+Reports images/s, ms per iteration, peak memory and model FLOP utilisation (FLOPs counted with
+torch.utils.flop_counter's formulas, divided by the bf16 matmul peak measured in the same run):
+"MFU" divides the plain iteration's FLOPs (the common yardstick) by each row's time; "own TFLOP"
+and "own MFU" count the row's own eager iteration, which differs where a lever changes the work
+(the conv lever runs no convolution on the penalty's zero path). Matmuls and convolutions are
+what the formulas count: the fused kernels' elementwise work adds nothing to either.
 
     python benchmarks/bench_train.py                  # batches 64, 256, 1024 (GPU)
     python benchmarks/bench_train.py --quick          # tiny CPU smoke run
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import device_name, markdown_table, write_results  # noqa: E402
 from benchmarks.plain_ehm import PlainEHM, capture_cuda_graph  # noqa: E402
+from ehm_fast.nn.options import LEVERS  # noqa: E402
 
 
 def matmul_peak_tflops(device: torch.device) -> float:
@@ -96,9 +102,12 @@ def plain_runner(device, batch, width, *, fast: bool, gp: bool = True, graph: bo
 
 def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimizer: bool = True,
                cuda_graph: bool | None = None, amp: bool | None = None, channels_last: bool | None = None,
-               lipschitz: str = "gp", optimizer: str = "adam", image_layers: str = "cudnn"):
+               lipschitz: str = "gp", optimizer: str = "adam", image_layers: str = "cudnn",
+               layer_levers: str = "all"):
     """ehm_fast's training step (ehm_fast.EHM) on the same networks; keyword arguments turn single
-    speed features off (None = the trainer's default on this device)."""
+    speed features off (None = the trainer's default on this device). Every layer lever is on by
+    default, as the trainer has it on a GPU ("auto"), so the rows that switch one off compare with
+    row 3 on the CPU too."""
     from ehm_fast.config import EHMConfig
     from ehm_fast.ehm import EHM
     from ehm_fast.models import EHMModels
@@ -108,7 +117,8 @@ def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimiz
                        critic_norm="none").to(device)
     cfg = EHMConfig(objective="ehm", estimator="importance", n_critic=1, lipschitz=lipschitz, optimizer=optimizer,
                     backend="auto" if fused_losses else "torch", amp=amp, channels_last=channels_last,
-                    cuda_graph=cuda_graph if device.type == "cuda" else False, image_layers=image_layers)
+                    cuda_graph=cuda_graph if device.type == "cuda" else False, image_layers=image_layers,
+                    layer_levers=layer_levers)
     step = EHM(models, cfg)
     if not fused_optimizer and optimizer == "adam":
         # torch's multi-tensor (foreach) Adam in place of the fused kernel
@@ -121,9 +131,21 @@ def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimiz
     return step.step, x, None
 
 
+def own_flops(kwargs: dict, device: torch.device, batch: int, width: int) -> int:
+    """FLOPs of one eager iteration of an ehm_fast row's own step (its graph off), on a fresh copy."""
+    run, x, _ = ehm_runner(device, batch, width, **{**kwargs, "cuda_graph": False})
+    run(x)  # the first iteration also allocates the optimizer states: count a steady one, as timed
+    return count_flops(run, x)
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+
+
 def measure(name: str, make: Callable[[], tuple], device: torch.device, batch: int, iters: int,
-            peak_tflops: float, flops: int) -> dict:
-    """Times one row; `flops` (of one iteration, counted once on the plain eager step) gives MFU."""
+            peak_tflops: float, flops: int, own: Callable[[], int] | None = None) -> dict:
+    """Times one row; `flops` (of one iteration, counted once on the plain eager step) gives MFU,
+    `own` (counts the row's own iteration) MFU of the FLOPs this row really does."""
     row = {"row": name, "batch": batch}
     try:
         if device.type == "cuda":
@@ -133,10 +155,16 @@ def measure(name: str, make: Callable[[], tuple], device: torch.device, batch: i
         seconds = _time(lambda: run(x), device, iters)
         row.update(ms=1e3 * seconds, images_s=batch / seconds, tflop_per_iter=flops / 1e12,
                    mfu=flops / seconds / 1e12 / peak_tflops)
-        if device.type == "cuda":
+        if device.type == "cuda":  # before the count, whose copy of the models would add to it
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if own is not None:
+            try:
+                mine = own()
+                row.update(tflop_per_iter_own=mine / 1e12, mfu_own=mine / seconds / 1e12 / peak_tflops)
+            except Exception as exc:  # the count must not cost the row its time
+                row["own_flops_error"] = _error(exc)
     except Exception as exc:  # report and go on: one failing row must not hide the others
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        row["error"] = _error(exc)
     print(f"  {name:28s} batch {batch:5d}: " + (row.get("error") or f"{row['images_s']:.0f} img/s"), flush=True)
     return row
 
@@ -151,15 +179,17 @@ def _relative(runs: list[dict], ref: list[dict]) -> dict[str, list[float]]:
 def loss_agreement(device: torch.device, batch: int, width: int, iters: int = 3) -> dict:
     """Losses of the first `iters` iterations from the same initial weights, batch and random draws,
     against the reference (every ehm_fast feature off: fp32 eager with TF32 off, reference losses,
-    torch's Adam, contiguous). Returns, per comparison and loss, |a - b| / max(|b|, 1) at each
-    iteration, for: ehm_fast's defaults (CUDA graph off, whose warm-up advances the random stream);
-    ehm_fast in fp32 with its fused losses and optimizer (the kernels' own exactness); and the plain
-    baseline in bf16 + channels_last against itself in fp32 (what bf16 alone does: rows 2 vs 1)."""
+    torch's Adam, contiguous, no layer levers). Returns, per comparison and loss, |a - b| / max(|b|, 1)
+    at each iteration, for: ehm_fast's defaults (CUDA graph off, whose warm-up advances the random
+    stream); ehm_fast in fp32 with its fused losses and optimizer (the kernels' own exactness); the
+    same with every layer lever against none (the levers' exactness); and the plain baseline in
+    bf16 + channels_last against itself in fp32 (what bf16 alone does: rows 2 vs 1). The fp32
+    comparisons run with TF32 off on both sides, so only the features themselves can differ."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    fp32 = {"amp": False, "channels_last": False}
 
-    def ehm_losses(**features) -> list[dict]:
-        reference = "fused_losses" in features
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not reference and tf32[0]
+    def ehm_losses(allow_tf32: bool, **features) -> list[dict]:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow_tf32
         torch.manual_seed(0)
         run, x, _ = ehm_runner(device, batch, width, cuda_graph=False, **features)
         torch.manual_seed(1)
@@ -173,10 +203,12 @@ def loss_agreement(device: torch.device, batch: int, width: int, iters: int = 3)
         return [dict(zip(("critic_loss", "gen_loss"), map(float, step(x)))) for _ in range(iters)]
 
     try:
-        ref = ehm_losses(amp=False, channels_last=False, fused_losses=False, fused_optimizer=False)
+        ref = ehm_losses(False, **fp32, fused_losses=False, fused_optimizer=False, layer_levers="none")
+        fused = ehm_losses(False, **fp32, layer_levers="none")
         return {
-            "defaults": _relative(ehm_losses(), ref),
-            "fp32 fused": _relative(ehm_losses(amp=False, channels_last=False), ref),
+            "defaults": _relative(ehm_losses(tf32[0]), ref),
+            "fp32 fused": _relative(fused, ref),
+            "fp32 all levers vs none": _relative(ehm_losses(False, **fp32, layer_levers="all"), fused),
             "plain bf16": _relative(plain_losses(True), plain_losses(False)),
         }
     finally:
@@ -187,6 +219,8 @@ ROWS: list[tuple[str, str, dict]] = [
     ("1 plain", "plain", {"fast": False}),
     ("2 plain+bf16+cl+graph", "plain", {"fast": True}),
     ("3 ehm_fast", "ehm", {}),
+    *((f"4 ehm_fast -{lever}", "ehm", {"layer_levers": f"-{lever}"}) for lever in LEVERS),
+    ("4 ehm_fast -all layer levers", "ehm", {"layer_levers": "none"}),
     ("4 ehm_fast -fused losses", "ehm", {"fused_losses": False}),
     # torch's foreach Adam cannot skip a non-finite step on the device (fused Adam's found_inf), so
     # the check syncs with the host and the iteration cannot be one graph: compare with "-cuda graph".
@@ -203,14 +237,18 @@ ROWS: list[tuple[str, str, dict]] = [
 
 
 def table(rows: list[dict]) -> str:
-    header = ["row", "batch", "images/s", "ms/iter", "peak GiB", "MFU", "x plain+"]
+    header = ["row", "batch", "images/s", "ms/iter", "peak GiB", "MFU", "own TFLOP", "own MFU", "x plain+"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["row"], str(r["batch"]), "n/a", "", "", "", r["error"][:50]])
+            body.append([r["row"], str(r["batch"]), "n/a", "", "", "", "", "", r["error"][:50]])
             continue
+        if "tflop_per_iter_own" in r:
+            own = [f"{r['tflop_per_iter_own']:.3f}", f"{r['mfu_own']:.1%}"]
+        else:  # a plain row, or the count failed (its error is in the JSON)
+            own = ["count failed" if "own_flops_error" in r else "", ""]
         body.append([r["row"], str(r["batch"]), f"{r['images_s']:.0f}", f"{r['ms']:.2f}",
-                     f"{r.get('peak_gib', 0):.2f}", f"{r['mfu']:.1%}",
+                     f"{r.get('peak_gib', 0):.2f}", f"{r['mfu']:.1%}", *own,
                      f"{r['x_plus']:.2f}" if "x_plus" in r else ""])
     return markdown_table(header, body)
 
@@ -232,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{device_name(device)}: matmul peak {peak:.2f} TFLOP/s (measured)", flush=True)
     agreement = loss_agreement(device, batches[0], width, iters=2 if args.quick else 3)
     for what, label in (("defaults", "ehm_fast defaults vs all features off"),
-                        ("fp32 fused", "ehm_fast fp32 with fused losses + optimizer vs all features off"),
+                        ("fp32 fused", "ehm_fast fp32 with fused losses + optimizer vs all features off (TF32 off)"),
+                        ("fp32 all levers vs none", "ehm_fast fp32 with every layer lever vs none (TF32 off)"),
                         ("plain bf16", "plain bf16+channels_last vs plain fp32 (row 2 vs row 1 arithmetic)")):
         print(f"losses, {label} (batch {batches[0]}, relative difference at iterations 1/2/...): "
               + ", ".join(f"{k} " + "/".join(f"{e:.1e}" for e in v) for k, v in agreement[what].items()), flush=True)
@@ -247,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             runner = plain_runner if kind == "plain" else ehm_runner
             make = lambda runner=runner, kwargs=kwargs: runner(device, batch, width, **kwargs)  # noqa: E731
-            group.append(measure(name, make, device, batch, iters, peak, flops))
+            own = None if kind == "plain" else (lambda kwargs=kwargs: own_flops(kwargs, device, batch, width))
+            group.append(measure(name, make, device, batch, iters, peak, flops, own))
         base = next((r.get("images_s") for r in group if r["row"].startswith("2 ")), None)
         for r in group:
             if base and "images_s" in r:
