@@ -15,12 +15,12 @@ from torch import Tensor, nn
 
 from . import conv as zero_free
 from .batch_norm import bn_act
+from .bias_act import ACTIVATIONS, bias_act_reference
 from .bias_act import bias_act as fused_bias_act
 from .image import image_conv, image_conv_transpose
 from .options import IMAGE_LAYERS, LEVERS
 from .weights import WeightCache
 
-ACTIVATIONS = ("linear", "relu", "lrelu", "tanh")
 LRELU_SLOPE = 0.2  # DCGAN's
 
 
@@ -101,25 +101,13 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int
     return F.conv_transpose2d(x, weight, bias, stride, padding)
 
 
-def _plain_act(x: Tensor, activation: str) -> Tensor:
-    if activation == "relu":
-        return F.relu(x)
-    if activation == "lrelu":
-        return F.leaky_relu(x, LRELU_SLOPE)
-    if activation == "tanh":
-        return torch.tanh(x)
-    return x
-
-
 def bias_act(x: Tensor, bias: Tensor | None, activation: str, opts: LayerOptions) -> Tensor:
     """act(x + bias) (bias per channel, or None)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if "bias_act" in opts.levers:
         return fused_bias_act(x, bias, activation=activation, slope=LRELU_SLOPE, backend=opts.backend)
-    if bias is not None:
-        x = x + bias.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-    return _plain_act(x, activation)
+    return bias_act_reference(x, bias, activation=activation, slope=LRELU_SLOPE)
 
 
 def _fused_bn(norm: nn.Module, opts: LayerOptions) -> bool:
