@@ -87,6 +87,39 @@ def test_rerun_after_a_crash_gives_identical_shards(lsun_db, clean_run, tmp_path
     assert index["shards"] == clean_run[0]["shards"] and not list(tmp_path.glob("*.tmp"))
 
 
+
+_CRASH_LOOP = """
+import sys
+from ehm_fast.data import prepare
+from ehm_fast.data import shards as fmt
+
+real_write = fmt.write_shard
+
+def crash_after_first(out_dir, j, images, meta):
+    if j == 0:
+        return real_write(out_dir, j, images, meta)
+    raise RuntimeError("injected")
+
+fmt.write_shard = crash_after_first
+source, out, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for k in range(runs):
+    try:
+        prepare(source, f"{out}/{k}", 16, workers=2, shard_size=5, chunk_size=2, progress=False)
+    except RuntimeError:
+        pass
+print("every run returned")
+"""
+
+
+def test_an_error_while_workers_run_never_hangs(lsun_db, tmp_path):
+    """An error in the writer while workers still decode: the workers stop and prepare raises.
+    multiprocessing.Pool.terminate hung here once in a few hundred runs (its task feeder blocked on
+    the queue's lock), which stalled CI; in a child process, so a hang fails instead of stalling."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _CRASH_LOOP, f"lsun:{lsun_db}", str(tmp_path), "60"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "every run returned" in r.stdout, r.stderr[-2000:]
+
 def test_a_damaged_shard_is_redone(lsun_db, clean_run, tmp_path):
     prepare(f"lsun:{lsun_db}", tmp_path, SIZE, workers=1, shard_size=5, progress=False)
     damaged = tmp_path / "shard-00002.npy"

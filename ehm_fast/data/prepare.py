@@ -15,6 +15,10 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import closing
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,7 @@ from .images import DecodedImages
 from .spec import IMAGE_KINDS, open_images, parse_spec
 
 PLAN = "prepare.json"
+IN_FLIGHT_PER_WORKER = 4  # spans queued per worker: keeps them busy, bounds memory and what an error waits for
 _DATASET: DecodedImages | None = None  # the source in each worker process
 
 
@@ -46,6 +51,31 @@ def _decode_range(span: tuple[int, int]) -> tuple[int, np.ndarray, list[str]]:
             out[n] = img
             n += 1
     return start, out[:n], skipped
+
+
+def _decoded(dataset: DecodedImages, spans: list[tuple[int, int]], workers: int) -> Iterator[tuple[int, np.ndarray, list[str]]]:
+    """The decoded spans in order, from `workers` processes with a few spans in flight each.
+
+    On an error or an interruption the spans not yet started are cancelled and the running ones
+    finish (a chunk each): multiprocessing.Pool.terminate can hang while its task feeder holds the
+    queue's lock, which stalled a two-core test machine for good."""
+    if workers == 1:
+        _init_worker(dataset)
+        yield from map(_decode_range, spans)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(dataset,))
+    window: deque[Future] = deque()
+    todo = iter(spans)
+    try:
+        while True:
+            while len(window) < IN_FLIGHT_PER_WORKER * workers and (span := next(todo, None)) is not None:
+                window.append(pool.submit(_decode_range, span))
+            if not window:
+                return
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_plan(out: Path, plan: dict) -> None:
@@ -99,18 +129,10 @@ def prepare(
 
     from tqdm import tqdm
 
-    bar = tqdm(total=n, initial=done_items, unit="img", desc="ehm-prepare", disable=not progress, smoothing=0.1)
     pending: dict[int, list[np.ndarray]] = {}
     skipped_names: list[str] = []
-    pool = None
-    try:
-        if workers == 1 or not spans:
-            _init_worker(dataset)
-            results = map(_decode_range, spans)
-        else:
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(dataset,))
-            results = pool.imap(_decode_range, spans)
+    bar = tqdm(total=n, initial=done_items, unit="img", desc="ehm-prepare", disable=not progress, smoothing=0.1)
+    with bar, closing(_decoded(dataset, spans, workers)) as results:
         for (a, b), (start, images, skipped) in zip(spans, results):
             j = start // shard_size
             pending.setdefault(j, []).append(images)
@@ -120,11 +142,6 @@ def prepare(
                 parts = pending.pop(j)
                 meta = {"source_range": [j * shard_size, b], "skipped": (b - j * shard_size) - sum(len(p) for p in parts)}
                 records[j] = fmt.write_shard(out, j, np.concatenate(parts), meta)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
     index = fmt.write_index(out, plan, records)
     seconds = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from .batch_norm import bn_act
 from .bias_act import ACTIVATIONS, bias_act_reference
 from .bias_act import bias_act as fused_bias_act
 from .image import image_conv, image_conv_transpose
-from .options import IMAGE_LAYERS, LEVERS
+from .options import LEVERS
 from .weights import WeightCache
 
 LRELU_SLOPE = 0.2  # DCGAN's
