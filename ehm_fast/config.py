@@ -25,6 +25,7 @@ SCHEDULES = ("constant", "wgan")
 LIPSCHITZ = ("gp", "clip", "none")
 SLEEP_LATENT = ("nll", "kl")
 OPTIMIZERS = ("adam", "svrg", "storm")
+VR_REFERENCES = ("joint", "own")
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,11 @@ class EHMConfig:
     snapshot_every: int = opt(100, "svrg: optimizer steps between snapshots (full-gradient estimates)")
     snapshot_batches: int = opt(16, "svrg: batches averaged into each snapshot's mean gradient (drawn from the "
                                 "training data; with several processes, per process)")
+    vr_reference: str = opt("joint", "svrg / storm: the reference point of each player's control variate: joint (the "
+                            "snapshot, or STORM's previous step, holds both players' weights, as SVRE does: an "
+                            "unbiased estimate of the current gradient) or own (only the player's own weights; the "
+                            "other player's are current, so the correction is biased by the other's moves)",
+                            VR_REFERENCES)
     lr: float = opt(2e-4, "learning rate of the encoder and decoder")
     lr_critic: float = opt(2e-4, "learning rate of the critic")
     betas: tuple[float, float] = opt((0.5, 0.9), "Adam betas (both optimizers)")
