@@ -77,7 +77,7 @@ fi
 
 # building the synthetic LMDB alone takes about 13 ms per image (photo-like pixels, WebP encoding)
 want data && step 100 bench_data.log python benchmarks/bench_data.py --write --images 3200
-want cpp_probe && step 90 cpp_probe.log python benchmarks/cpp_error_probe.py
+want cpp_probe && step 90 cpp_probe.log python scripts/cpp_error_probe.py
 want trainer && step 60 trainer.log python -m ehm_fast.train --steps 200 --log-every 50 --out /tmp/ehm_gpu_run
 want log_partition && step 45 bench_log_partition.log python benchmarks/bench_kernels.py --family log_partition
 want optim && step 35 bench_optim.log python benchmarks/bench_kernels.py --family optim

@@ -6,7 +6,7 @@ alignment, ints equal to 1) and compiled with triton.compile for the target (sm_
 instead of launched. ptxas -v (triton's own) then reports registers and spills of each kernel.
 Nothing runs: this catches compile errors and register spills, not wrong results.
 
-    python benchmarks/triton_compile_check.py [--arch 90] [--quick]
+    python scripts/triton_compile_check.py [--arch 90] [--quick]
 
 Prints one line per distinct compiled specialisation and exits 1 if any failed. Needs the triton
 of this machine (tested with 3.6 and 3.8) and its bundled ptxas; TRITON_INTERPRET must be unset.

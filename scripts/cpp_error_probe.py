@@ -7,7 +7,7 @@ OpenMP, the GIL released, -O3, a CUDA source) and calls each in a child process,
 installed ehm_fast._C the same way, loaded with and without its package. On the H200 machine of
 2026-11-27 every tiny extension without a CUDA source raised (the CUDA variant was added after):
 
-    python benchmarks/cpp_error_probe.py        # about a minute on 16 cores; prints a table
+    python scripts/cpp_error_probe.py        # about a minute on 16 cores; prints a table
 """
 
 from __future__ import annotations
