@@ -1,7 +1,7 @@
 """Plain-PyTorch references of every op: the oracle of the tests and the "torch" backend.
 
 Each function has the signature of its public op in `ehm_fast.losses` (without `backend=`) and
-takes inputs that have already been checked. Formulas: ../shared/EHM_MATH.md.
+takes inputs that have already been checked. Formulas: docs/math.md.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ def log_partition(scores: Tensor, log_proposal: Tensor | None = None, estimator:
     z = scores if log_proposal is None else scores - log_proposal
     if estimator == "jensen":
         return z.mean(-1)
-    return torch.logsumexp(z, dim=-1) - math.log(z.shape[-1])
+    # torch.logsumexp's gradient on an all -inf row is exp(-inf - -inf) = NaN; the contract (and
+    # every kernel) gives that row -inf with zero gradient, so it sums zeros that carry no gradient
+    empty = torch.isneginf(z).all(-1, keepdim=True)
+    lse = torch.logsumexp(torch.where(empty, torch.zeros_like(z), z), dim=-1)
+    return torch.where(empty.squeeze(-1), float("-inf"), lse) - math.log(z.shape[-1])
 
 
 def importance_weights(scores: Tensor, log_proposal: Tensor | None = None) -> tuple[Tensor, Tensor]:

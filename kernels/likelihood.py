@@ -5,7 +5,7 @@ over several programs that write partial sums, so a small batch still fills the 
 gives each program a column block and a chunk of rows, writes the pixel gradients and a partial
 column sum of the log_scale gradient per chunk (added in a second, small sum: no atomics).
 Code terms (rows [B, D]): one program per block of rows, elementwise backward.
-Kinds: ehm_fast.ops.likelihood (GAUSSIAN, LAPLACE, BERNOULLI; LATENT, STD_NORMAL, KL_STD, KL_PAIR).
+Kinds and the accumulation dtype: ehm_fast.ops.contract.
 """
 
 from __future__ import annotations
@@ -16,6 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ehm_fast.ops import contract
+from ehm_fast.ops.contract import acc_dtype
+
+# The kinds as Triton constants: a jitted function reads a global only if it is a tl.constexpr.
+GAUSSIAN = tl.constexpr(contract.GAUSSIAN)
+LAPLACE = tl.constexpr(contract.LAPLACE)
+BERNOULLI = tl.constexpr(contract.BERNOULLI)
+LATENT = tl.constexpr(contract.LATENT)
+STD_NORMAL = tl.constexpr(contract.STD_NORMAL)
+KL_STD = tl.constexpr(contract.KL_STD)
+KL_PAIR = tl.constexpr(contract.KL_PAIR)
 HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2 * math.pi))
 LOG_2 = tl.constexpr(math.log(2.0))
 
@@ -26,10 +37,6 @@ TARGET_PROGRAMS = 4096
 CODE_ROWS = 16
 CODE_BLOCK_D = 128
 CODE_BWD_BLOCK = 1024
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def image_splits(rows: int, d: int) -> int:
@@ -56,10 +63,10 @@ def sigmoid(v):
 
 @triton.jit
 def _image_term(x, m, s, KIND: tl.constexpr):
-    if KIND == 0:
+    if KIND == GAUSSIAN:
         r = x - m
         t = 0.5 * r * r * tl.exp(-2.0 * s) + s + HALF_LOG_2PI
-    elif KIND == 1:
+    elif KIND == LAPLACE:
         t = tl.abs(x - m) * tl.exp(-s) + s + LOG_2
     else:
         t = softplus(m) - x * m
@@ -69,13 +76,13 @@ def _image_term(x, m, s, KIND: tl.constexpr):
 @triton.jit
 def _image_grad(x, m, s, KIND: tl.constexpr):
     """(d/dx, d/dm, d/ds) of _image_term."""
-    if KIND == 0:
+    if KIND == GAUSSIAN:
         r = x - m
         iv = tl.exp(-2.0 * s)
         dx = r * iv
         dm = -dx
         ds = 1.0 - r * r * iv
-    elif KIND == 1:
+    elif KIND == LAPLACE:
         r = x - m
         ib = tl.exp(-s)
         dx = tl.where(r > 0, ib, tl.where(r < 0, -ib, 0.0))
@@ -100,7 +107,7 @@ def _image_fwd_kernel(X, M, S, PART, d, per_split, splits, KIND: tl.constexpr, B
         mask = cols < end
         x = tl.load(X + row * d + cols, mask=mask, other=0.0).to(acc.dtype)
         m = tl.load(M + row * d + cols, mask=mask, other=0.0).to(acc.dtype)
-        if KIND == 2:
+        if KIND == BERNOULLI:
             s = x
         else:
             s = tl.load(S + cols, mask=mask, other=0.0)
@@ -114,7 +121,7 @@ def _image_bwd_kernel(GRAD, X, M, S, GX, GM, GS_PART, B, d, rows_per_chunk, KIND
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     chunk = tl.program_id(1).to(tl.int64)
     mask = cols < d
-    if KIND == 2:
+    if KIND == BERNOULLI:
         s = tl.zeros([BLOCK], GRAD.dtype.element_ty)
     else:
         s = tl.load(S + cols, mask=mask, other=0.0)
@@ -170,12 +177,12 @@ def image_nll_bwd(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, log_s
 
 @triton.jit
 def _code_term(a, b, c, e, KIND: tl.constexpr):
-    if KIND == 0:  # -log N(a; b, exp(c))
+    if KIND == LATENT:  # -log N(a; b, exp(c))
         r = a - b
         t = 0.5 * r * r * tl.exp(-c) + 0.5 * c + HALF_LOG_2PI
-    elif KIND == 1:  # -log N(a; 0, 1)
+    elif KIND == STD_NORMAL:  # -log N(a; 0, 1)
         t = 0.5 * a * a + HALF_LOG_2PI
-    elif KIND == 2:  # KL(N(a, exp(b)) || N(0, 1))
+    elif KIND == KL_STD:  # KL(N(a, exp(b)) || N(0, 1))
         t = 0.5 * (a * a + tl.exp(b) - 1.0 - b)
     else:  # KL(N(a, exp(b)) || N(c, exp(e)))
         r = a - c
@@ -186,19 +193,19 @@ def _code_term(a, b, c, e, KIND: tl.constexpr):
 @triton.jit
 def _code_grad(a, b, c, e, KIND: tl.constexpr):
     zero = tl.zeros_like(a)
-    if KIND == 0:
+    if KIND == LATENT:
         r = a - b
         iv = tl.exp(-c)
         da = r * iv
         db = -da
         dc = 0.5 - 0.5 * r * r * iv
         de = zero
-    elif KIND == 1:
+    elif KIND == STD_NORMAL:
         da = a
         db = zero
         dc = zero
         de = zero
-    elif KIND == 2:
+    elif KIND == KL_STD:
         da = a
         db = 0.5 * (tl.exp(b) - 1.0)
         dc = zero
@@ -238,9 +245,9 @@ def _code_fwd_kernel(A, Bop, C, E, BASE, OUT, B, D, KIND: tl.constexpr, HAS_BASE
         mask = rmask[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         a = _load_operand(A, offs, mask, acc_t, True)
-        b = _load_operand(Bop, offs, mask, acc_t, KIND != 1)
-        c = _load_operand(C, offs, mask, acc_t, KIND == 0 or KIND == 3)
-        e = _load_operand(E, offs, mask, acc_t, KIND == 3)
+        b = _load_operand(Bop, offs, mask, acc_t, KIND != STD_NORMAL)
+        c = _load_operand(C, offs, mask, acc_t, KIND == LATENT or KIND == KL_PAIR)
+        e = _load_operand(E, offs, mask, acc_t, KIND == KL_PAIR)
         acc += tl.where(mask, _code_term(a, b, c, e, KIND), 0.0)
     total = tl.sum(acc, axis=1)
     if HAS_BASE:
@@ -255,9 +262,9 @@ def _code_bwd_kernel(GRAD, A, Bop, C, E, GA, GB, GC, GE, n, D, KIND: tl.constexp
     mask = offs < n
     g = tl.load(GRAD + offs // D, mask=mask, other=0.0)
     a = _load_operand(A, offs, mask, g.dtype, True)
-    b = _load_operand(Bop, offs, mask, g.dtype, KIND != 1)
-    c = _load_operand(C, offs, mask, g.dtype, KIND == 0 or KIND == 3)
-    e = _load_operand(E, offs, mask, g.dtype, KIND == 3)
+    b = _load_operand(Bop, offs, mask, g.dtype, KIND != STD_NORMAL)
+    c = _load_operand(C, offs, mask, g.dtype, KIND == LATENT or KIND == KL_PAIR)
+    e = _load_operand(E, offs, mask, g.dtype, KIND == KL_PAIR)
     da, db, dc, de = _code_grad(a, b, c, e, KIND)
     if NEED_A:
         tl.store(GA + offs, (g * da).to(GA.dtype.element_ty), mask=mask)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ehm_fast.ops.contract import acc_dtype
+
 MIN_PER_SPLIT = 16384
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
@@ -129,21 +131,18 @@ def _lp_bwd_kernel(GRAD, S, P, LSE, GS, GP, M, blocks_per_row, HAS_P: tl.constex
         tl.store(GP + offs, (-d).to(GP.dtype.element_ty), mask=mask)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def log_partition_fwd(s: torch.Tensor, p: torch.Tensor | None, jensen: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, m = s.shape
-    out = s.new_empty(rows)
-    lse = s.new_empty(rows, dtype=_acc_dtype(s.dtype))
+def log_partition_fwd(scores: torch.Tensor, log_proposal: torch.Tensor | None,
+                      jensen: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, m = scores.shape
+    out = scores.new_empty(rows)
+    lse = scores.new_empty(rows, dtype=acc_dtype(scores.dtype))
     splits = splits_for(rows, m)
     per_split = triton.cdiv(m, splits)
     ws = lse.new_empty(2 * rows * splits if splits > 1 else 1)
-    f64 = s.dtype == torch.float64
+    f64 = scores.dtype == torch.float64
     _lp_fwd_kernel[(rows * splits,)](
-        s, s if p is None else p, out, lse, ws, m, rows, per_split, splits,
-        HAS_P=p is not None, JENSEN=jensen, F64=f64, BLOCK=FWD_BLOCK,
+        scores, scores if log_proposal is None else log_proposal, out, lse, ws, m, rows, per_split, splits,
+        HAS_P=log_proposal is not None, JENSEN=jensen, F64=f64, BLOCK=FWD_BLOCK,
     )
     if splits > 1:
         _lp_combine_kernel[(rows,)](ws, out, lse, m, rows, splits, JENSEN=jensen,
@@ -151,17 +150,18 @@ def log_partition_fwd(s: torch.Tensor, p: torch.Tensor | None, jensen: bool) -> 
     return out, lse
 
 
-def log_partition_bwd(grad: torch.Tensor, s: torch.Tensor, p: torch.Tensor | None, lse: torch.Tensor, jensen: bool,
-                      need_s: bool, need_p: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, m = s.shape
-    gs = torch.empty_like(s) if need_s else s.new_empty(0)
-    gp = torch.empty_like(s) if need_p else s.new_empty(0)
-    if not (need_s or need_p):
+def log_partition_bwd(grad: torch.Tensor, scores: torch.Tensor, log_proposal: torch.Tensor | None, lse: torch.Tensor,
+                      jensen: bool, need_scores: bool, need_proposal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, m = scores.shape
+    gs = torch.empty_like(scores) if need_scores else scores.new_empty(0)
+    gp = torch.empty_like(scores) if need_proposal else scores.new_empty(0)
+    if not (need_scores or need_proposal):
         return gs, gp
     g = grad.to(lse.dtype).contiguous()
     blocks = triton.cdiv(m, BWD_BLOCK)
     _lp_bwd_kernel[(rows * blocks,)](
-        g, s, s if p is None else p, lse, gs if need_s else s, gp if need_p else s, m, blocks,
-        HAS_P=p is not None, JENSEN=jensen, NEED_S=need_s, NEED_P=need_p, BLOCK=BWD_BLOCK,
+        g, scores, scores if log_proposal is None else log_proposal, lse, gs if need_scores else scores,
+        gp if need_proposal else scores, m, blocks,
+        HAS_P=log_proposal is not None, JENSEN=jensen, NEED_S=need_scores, NEED_P=need_proposal, BLOCK=BWD_BLOCK,
     )
     return gs, gp

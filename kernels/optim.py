@@ -10,15 +10,19 @@ IEEE-rounded (sqrt_rn, div_rn) to stay at torch.optim's rounding.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from ehm_fast.ops.contract import acc_dtype
+
 CHUNK = 1 << 16  # elements per program, as csrc/optim.h's kOptimChunk
 BLOCK = 1024
 LISTS = 7  # param, grad, ref_grad, anchor, state1, state2, direction
 
+Tensors = Sequence[torch.Tensor]  # an empty one: that list is absent
 _TL_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
 
@@ -186,12 +190,8 @@ def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], **con
     f64 = params[0].dtype == torch.float64
     kernel[(len(work_t),)](ptrs, scal, sizes_d, work_t_d, work_s_d, n, CHUNK=CHUNK, F64=f64,
                            BF16=params[0].dtype == torch.bfloat16,
-                           P_TY=_TL_TYPES[params[0].dtype], ACC=tl.float64 if f64 else tl.float32, BLOCK=BLOCK,
+                           P_TY=_TL_TYPES[params[0].dtype], ACC=_TL_TYPES[acc_dtype(params[0].dtype)], BLOCK=BLOCK,
                            **constexprs)
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check(lists: list[list[torch.Tensor]], names: tuple[str, ...]) -> None:
@@ -201,7 +201,7 @@ def _check(lists: list[list[torch.Tensor]], names: tuple[str, ...]) -> None:
     p0 = params[0]
     if p0.dtype not in _TL_TYPES:
         raise TypeError(f"ehm_fast: unsupported dtype {p0.dtype} (expected a floating type)")
-    state = _state_dtype(p0.dtype)
+    state = acc_dtype(p0.dtype)
     for k, (name, items) in enumerate(zip(names, lists)):
         if not items:
             continue
@@ -214,8 +214,9 @@ def _check(lists: list[list[torch.Tensor]], names: tuple[str, ...]) -> None:
                                  f"got {x.dtype} on {x.device} with shape {tuple(x.shape)}")
 
 
-def cv_adam_(params, grads, ref_grads, anchors, exp_avgs, exp_avg_sqs, directions, alpha: float, step: int, lr: float,
-             beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool) -> None:
+def cv_adam_(params: Tensors, grads: Tensors, ref_grads: Tensors, anchors: Tensors, exp_avgs: Tensors,
+             exp_avg_sqs: Tensors, directions: Tensors, alpha: float, step: int, lr: float, beta1: float, beta2: float,
+             eps: float, weight_decay: float, decoupled: bool) -> None:
     lists = [list(params), list(grads), list(ref_grads), list(anchors), list(exp_avgs), list(exp_avg_sqs),
              list(directions)]
     _check(lists, ("params", "grads", "ref_grads", "anchors", "exp_avgs", "exp_avg_sqs", "out_directions"))
@@ -230,8 +231,9 @@ def cv_adam_(params, grads, ref_grads, anchors, exp_avgs, exp_avg_sqs, direction
             DECOUPLED=bool(decoupled), HAS_WD=weight_decay != 0)
 
 
-def cv_sgd_(params, grads, ref_grads, anchors, momentum_buffers, directions, alpha: float, lr: float,
-            momentum: float, dampening: float, weight_decay: float, nesterov: bool, first: bool) -> None:
+def cv_sgd_(params: Tensors, grads: Tensors, ref_grads: Tensors, anchors: Tensors, momentum_buffers: Tensors,
+            directions: Tensors, alpha: float, lr: float, momentum: float, dampening: float, weight_decay: float,
+            nesterov: bool, first: bool) -> None:
     has_buf = momentum != 0
     lists = [list(params), list(grads), list(ref_grads), list(anchors), list(momentum_buffers) if has_buf else [],
              [], list(directions)]

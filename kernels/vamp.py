@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .likelihood import acc_dtype
+from ehm_fast.ops.contract import acc_dtype
 
 HALF_LOG_2PI = tl.constexpr(0.5 * math.log(2 * math.pi))
 TILE_ELEMENTS = 4096  # BB * BK * BD per program: 8192 spills registers in the backward (ptxas, sm_90, D=100)

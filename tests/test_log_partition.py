@@ -76,6 +76,28 @@ def test_neg_inf_entries_and_rows(backend_device):
     assert abs(gs[1].sum().item() - 2.0) < 1e-5  # weights sum to 1
 
 
+@pytest.mark.parametrize("with_proposal", [False, True])
+def test_reference_keeps_the_neg_inf_row_contract(with_proposal):
+    """The oracle ("torch") gives an all -inf row -inf with zero gradient, as every kernel does
+    (torch.logsumexp alone would give that row a NaN gradient)."""
+    s = torch.randn(3, 6, dtype=torch.float64)
+    s[0] = float("-inf")
+    s[1, ::2] = float("-inf")
+    s = s.requires_grad_()
+    p = torch.randn(3, 6, dtype=torch.float64, requires_grad=True) if with_proposal else None
+    leaves = [t for t in (s, p) if t is not None]
+    out = losses.log_partition(s, p, backend="torch")
+    grads = torch.autograd.grad(out, leaves, torch.full_like(out, 2.0))
+    assert out[0].item() == float("-inf")
+    for g in grads:
+        assert torch.equal(g[0], torch.zeros_like(g[0])) and not torch.isnan(g).any()
+    if _backend.cpu_built():  # and the same numbers as the C++ kernel
+        kernel = losses.log_partition(s, p, backend="cpu")
+        torch.testing.assert_close(out, kernel)
+        for g, k in zip(grads, torch.autograd.grad(kernel, leaves, torch.full_like(kernel, 2.0))):
+            torch.testing.assert_close(g, k)
+
+
 def test_nan_propagates_to_its_row_only(backend_device):
     backend, device = backend_device
     s = torch.randn(3, 50, device=device)

@@ -14,12 +14,9 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_for
+from .contract import STD_NORMAL, acc_dtype
 from .eager import eager, eager_op
-from .vamp import acc_dtype, vamp_prior_bwd, vamp_prior_bwd_impl
-
-# Image likelihood kinds and code term kinds (csrc/terms.h: ImageKind, CodeKind).
-GAUSSIAN, LAPLACE, BERNOULLI = 0, 1, 2
-LATENT, STD_NORMAL, KL_STD, KL_PAIR = 0, 1, 2, 3
+from .vamp import vamp_prior_bwd, vamp_prior_bwd_impl
 
 
 def _image_fwd(x: Tensor, mean: Tensor, log_scale: Optional[Tensor], kind: int, backend: str) -> Tensor:

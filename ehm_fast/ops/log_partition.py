@@ -11,11 +11,8 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_for
+from .contract import acc_dtype
 from .eager import eager, eager_op
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fwd(scores: Tensor, log_proposal: Optional[Tensor], jensen: bool, backend: str) -> Tuple[Tensor, Tensor]:
@@ -29,7 +26,7 @@ log_partition_fwd = torch.library.custom_op("ehm_fast::log_partition_fwd", _fwd,
 @log_partition_fwd.register_fake
 def _(scores, log_proposal, jensen, backend):
     rows = scores.shape[0]
-    return scores.new_empty(rows), scores.new_empty(rows, dtype=_stat_dtype(scores.dtype))
+    return scores.new_empty(rows), scores.new_empty(rows, dtype=acc_dtype(scores.dtype))
 
 
 def _bwd(

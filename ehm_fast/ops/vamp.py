@@ -12,11 +12,8 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_for
+from .contract import acc_dtype
 from .eager import eager, eager_op
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _fwd(z: Tensor, mu_k: Tensor, logvar_k: Tensor, base: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:

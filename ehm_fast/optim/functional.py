@@ -22,15 +22,11 @@ import torch
 from torch import Tensor
 
 from .._backend import kernels_for, resolve
+from ..ops.contract import acc_dtype as state_dtype  # the optimizer state's dtype: one rule for every op
 from . import reference
 
 TensorList = Sequence[Tensor]
 _DENSE_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the optimizer state kept for parameters of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _impl(backend: str):
