@@ -1,12 +1,16 @@
-"""torch.distributed helpers: the process group's view and the global log-partition estimate.
+"""torch.distributed helpers: what torchrun asked for, the process group's set-up and view, and
+the global log-partition estimate.
 
-The trainer (`ehm_fast.train`) sets the process group up under torchrun; without one everything
-here runs as a single process.
+Before the process group exists the trainer reads `launched()` (torchrun's environment) and calls
+`setup_process_group`; after that, and everywhere else, `rank_and_world()` is the one way to ask
+for this process's rank and the number of processes. Without torchrun everything here runs as a
+single process.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import losses
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -31,10 +36,50 @@ class DistInfo:
         return self.rank == 0
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def current() -> DistInfo:
+    """`rank_and_world()` with torchrun's LOCAL_RANK (0 without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(*rank_and_world(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def launched() -> DistInfo:
+    """What torchrun asks of this process (RANK, LOCAL_RANK, WORLD_SIZE; one process without
+    them), read before any process group exists."""
+    try:
+        env = {k: int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))}
+    except ValueError:
+        raise ConfigError("RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
+    return DistInfo(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"])
+
+
+def setup_process_group(device: torch.device, world_size: int) -> str:
+    """The default process group (NCCL for CUDA, gloo for the CPU), or a check of one already set
+    up; returns its backend."""
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            if not dist.is_nccl_available():
+                raise ConfigError("this PyTorch build has no NCCL, which data-parallel training on GPUs needs; "
+                                  "use --device cpu (gloo) or a CUDA build of PyTorch")
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = str(dist.get_backend())
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("the process group uses NCCL, which only moves CUDA tensors, but this run is on the CPU: "
+                          "use --device cuda (one GPU per process) or a gloo process group")
+    if backend == "gloo" and device.type == "cuda":
+        warnings.warn("the process group uses gloo for CUDA tensors: it works, but NCCL (what torchrun with "
+                      "--device cuda sets up) is much faster", RuntimeWarning, stacklevel=2)
+    if dist.get_world_size() != world_size:
+        raise ConfigError(f"WORLD_SIZE is {world_size} but the process group has {dist.get_world_size()} processes")
+    return backend
 
 
 def global_log_partition(
