@@ -1,5 +1,5 @@
 // Python bindings of ehm_fast._C. Function names match kernels/ (the Triton backend), so
-// ehm_fast._backend.kernels_for() can hand either module to an op.
+// ehm_fast._backend.kernels_for() can hand either module to an op (tests/test_kernel_contract.py checks).
 #include <torch/extension.h>
 #include <torch/version.h>
 

@@ -16,7 +16,7 @@ inline DType dtype_of(const at::Tensor& t) {
   }
 }
 
-// fp64 inputs accumulate in fp64, everything else in fp32.
+// fp64 inputs accumulate in fp64, everything else in fp32 (Python: ehm_fast/ops/contract.py's acc_dtype).
 inline at::ScalarType acc_type_of(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }

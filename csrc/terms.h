@@ -1,5 +1,5 @@
 // Per-element terms of the likelihoods and their derivatives, shared by the C++ CPU kernels and
-// the CUDA kernels (host/device functions; no torch headers). Formulas: shared/EHM_MATH.md.
+// the CUDA kernels (host/device functions; no torch headers). Formulas: docs/math.md.
 #pragma once
 #include <cmath>
 #include <type_traits>
@@ -21,6 +21,7 @@
 
 namespace ehm {
 
+// The kind numbers are ehm_fast/ops/contract.py's (tests/test_kernel_contract.py checks they agree).
 // Image likelihoods: -log p(x|z) per pixel; the decoder output `m` is the mean, the location or the logit.
 enum class ImageKind : int { Gaussian = 0, Laplace = 1, Bernoulli = 2 };
 // Code terms: which of the operands (a, b, c, e) they read is listed per kind.
