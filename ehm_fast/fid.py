@@ -1,6 +1,6 @@
 """FID and KID through torchmetrics, with the Inception weights from a local file.
 
-    ehm-fid --checkpoint PATH --data shards:DIR [--num-images 10000] [--fid-weights PATH]
+    ehm-fid --checkpoint RUN_DIR --data shards:DIR [--num-images 10000] [--fid-weights PATH]
 
 Features are extracted once per image (by Inception, or any nn.Module mapping uint8 [B, 3, H, W]
 to [B, D]) and handed to torchmetrics' FrechetInceptionDistance and KernelInceptionDistance,
@@ -35,11 +35,13 @@ def inception(feature: int = 2048, weights_path: str | os.PathLike | None = None
     `weights_path`, else $EHM_FID_WEIGHTS, else torch hub's cache (nothing is downloaded)."""
     if feature not in INCEPTION_FEATURES:
         raise ValueError(f"feature must be one of {INCEPTION_FEATURES} for Inception, got {feature}")
-    path = Path(weights_path or os.environ.get("EHM_FID_WEIGHTS") or default_weights_path()).expanduser()
+    default = default_weights_path()
+    path = Path(weights_path or os.environ.get("EHM_FID_WEIGHTS") or default).expanduser()
     if not path.is_file():
+        elsewhere = "" if path == default else f", or to {default}"
         raise FileNotFoundError(
-            f"Inception weights not found at {path}: copy torch-fidelity's {INCEPTION_FILE} there, "
-            f"or to {default_weights_path()}, or pass --fid-weights PATH (or set EHM_FID_WEIGHTS)"
+            f"Inception weights not found at {path}: copy torch-fidelity's {INCEPTION_FILE} there{elsewhere}, "
+            "or pass --fid-weights PATH (or set EHM_FID_WEIGHTS)"
         )
     from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
@@ -157,28 +159,18 @@ def real_features(
 ) -> torch.Tensor:
     """Features of `num_images` real images of `spec` (a fixed random subset, all if fewer), cached
     beside the shards (DIR/fid-cache/) for shards:DIR specs."""
-    from .data.loader import open_images_for_training
-    from .data.spec import parse_spec
+    from .data import parse_spec
+    from .data.loader import random_subset
 
-    images = open_images_for_training(spec, image_size)
-    n = min(num_images, len(images))
+    real = random_subset(spec, image_size, num_images, seed=0)
     kind, path = parse_spec(spec)
     cache = None
     if kind == "shards":
         key = hashlib.sha256((Path(path) / "index.json").read_bytes()).hexdigest()[:12]
-        cache = Path(path) / "fid-cache" / f"real-{tag}-{n}-{key}.npy"
+        cache = Path(path) / "fid-cache" / f"real-{tag}-{len(real)}-{key}.npy"
         if cache.is_file():
             return torch.from_numpy(np.load(cache, allow_pickle=False))
-    chosen = np.sort(np.random.default_rng(0).permutation(len(images))[:n])
-
-    def batches():
-        buf = np.empty((batch_size, images.channels, image_size, image_size), dtype=np.uint8)
-        for a in range(0, n, batch_size):
-            idx = chosen[a : a + batch_size]
-            images.gather(idx, buf)
-            yield torch.from_numpy(buf[: len(idx)])
-
-    feats = extract_features(extractor, batches(), device)
+    feats = extract_features(extractor, real.batches(batch_size), device)
     if cache is not None:
         cache.parent.mkdir(exist_ok=True)
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
@@ -220,23 +212,17 @@ class FidEvaluator:
 
 
 def _load_sampler(checkpoint: str, device: torch.device) -> Callable[[int], torch.Tensor]:
-    """sample(n) -> n generated images in [-1, 1], from the trainer's checkpoint loader."""
-    try:
-        from .train import load_generator
-    except ImportError as err:
-        raise ImportError(f"ehm-fid needs ehm_fast.train.load_generator, which this installation lacks ({err})") from err
-    decoder, cfg = load_generator(checkpoint, device)
-    if getattr(cfg, "prior", "normal") == "normal":
-        return lambda n: decoder(torch.randn(n, decoder.z_dim, device=device))
-    from .train import load_models  # a learned prior (VampPrior) samples its own latents
+    """sample(n) -> n generated images in [-1, 1] from a checkpoint file or run folder, with z drawn
+    from the run's own prior (N(0, I), or its VampPrior)."""
+    from .runs import load_models
 
     models = load_models(checkpoint, device)[0]
-    return lambda n: decoder(models.sample_prior(n, device))
+    return lambda n: models.decoder(models.sample_prior(n, device))
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ehm-fid", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by ehm-train")
+    p.add_argument("--checkpoint", required=True, help="a run folder of ehm-train, or its checkpoint.pt")
     p.add_argument("--data", required=True, help="real images: shards:DIR, lsun:PATH, folder:PATH, zip:PATH or digits")
     p.add_argument("--num-images", type=int, default=10_000, help="real and generated images compared (default 10000)")
     p.add_argument("--fid-weights", default=None, help=f"Inception weights file ({INCEPTION_FILE})")

@@ -1,8 +1,5 @@
 """FID/KID through torchmetrics with a tiny feature extractor standing in for Inception."""
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -95,27 +92,52 @@ def test_evaluator_caches_the_real_features_beside_the_shards(tmp_path):
 def test_missing_inception_weights_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.delenv("EHM_FID_WEIGHTS", raising=False)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match=f"{fid.INCEPTION_FILE}.*--fid-weights"):
+    with pytest.raises(FileNotFoundError, match=f"{fid.INCEPTION_FILE}.*--fid-weights") as missing:
         fid.inception(2048)
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "given.pth")):
+    assert str(missing.value).count(str(fid.default_weights_path())) == 1  # the default place, named once
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "given.pth")) as given:
         fid.inception(2048, tmp_path / "given.pth")
+    assert str(fid.default_weights_path()) in str(given.value)  # and where else the file may go
     with pytest.raises(ValueError, match="one of"):
         fid.inception(100)
     with pytest.raises(ValueError, match="at least 2"):
         fid.distances(torch.zeros(1, 4), torch.zeros(5, 4))
 
 
+class _PlainModels:
+    """What ehm_fast.runs.load_models returns, for an 8x8 RGB decoder from z [n, 4]."""
+
+    def __init__(self) -> None:
+        self.decoder = nn.Sequential(nn.Linear(4, 3 * 8 * 8), nn.Tanh(), nn.Unflatten(1, (3, 8, 8)))
+
+    def sample_prior(self, n, device):
+        return torch.randn(n, 4, device=device)
+
+
 def test_cli_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.delenv("EHM_FID_WEIGHTS", raising=False)
-    fake_train = types.ModuleType("ehm_fast.train")
-    decoder = nn.Sequential(nn.Linear(4, 3 * 8 * 8), nn.Tanh(), nn.Unflatten(1, (3, 8, 8)))
-    decoder.z_dim = 4
-    fake_train.load_generator = lambda path, device: (decoder, types.SimpleNamespace(prior="normal"))
-    monkeypatch.setitem(sys.modules, "ehm_fast.train", fake_train)
+    monkeypatch.setattr("ehm_fast.runs.load_models", lambda path, device: (_PlainModels(), None))
     assert fid.main(["--checkpoint", "c.pt", "--data", "digits", "--num-images", "20", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ehm-fid: error: Inception weights not found") and err.count("\n") == 1
-    monkeypatch.setitem(sys.modules, "ehm_fast.train", None)  # no trainer in this installation
-    assert fid.main(["--checkpoint", "c.pt", "--data", "digits"]) == 2
-    assert "ehm_fast.train.load_generator" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert fid.main(["--checkpoint", str(tmp_path / "last.pt"), "--data", "digits", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ehm-fid: error: no checkpoint at") and "checkpoint.pt" in err and err.count("\n") == 1
+
+
+def test_cli_samples_the_run_folder_of_ehm_train(tmp_path, capsys):
+    """`ehm-fid --checkpoint RUN_DIR` (README's command) on a real run, with a stand-in extractor."""
+    from ehm_fast import train
+
+    out = tmp_path / "run"
+    assert train.main(["--width", "4", "--critic-width", "4", "--z-dim", "4", "--batch-size", "8", "--n-critic", "1",
+                       "--steps", "1", "--n-samples", "4", "--device", "cpu", "--out", str(out)]) == 0
+    sample = fid._load_sampler(str(out), torch.device("cpu"))
+    images = sample(50)
+    assert images.shape == (50, 1, 32, 32) and images.abs().max() <= 1
+    real = fid.real_features("digits", 32, 50, TinyFeatures(), "tiny")
+    assert real.shape == (50, 16)
+    result = fid.distances(real, fid.extract_features(TinyFeatures(), [images], "cpu"), **KID)
+    assert result["num_fake"] == 50 and result["fid"] > 0

@@ -20,7 +20,9 @@ import collections
 import os
 import queue
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -242,6 +244,33 @@ def open_images_for_training(spec: str, image_size: int, channels: int = 3) -> I
         stacklevel=3,
     )
     return images
+
+
+@dataclass(frozen=True)
+class ImageSubset:
+    """A fixed subset of a data source's images (what evaluation compares with), read as they are
+    stored: uint8 [b, C, S, S] batches, no flips, no scaling."""
+
+    images: ImageCollection
+    indices: np.ndarray  # ascending, so reads go in storage order
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        images = self.images
+        for a in range(0, len(self.indices), batch_size):
+            idx = self.indices[a : a + batch_size]
+            out = np.empty((len(idx), images.channels, images.image_size, images.image_size), dtype=np.uint8)
+            images.gather(idx, out)
+            yield torch.from_numpy(out)
+
+
+def random_subset(spec: str, image_size: int, num_images: int, *, seed: int = 0) -> ImageSubset:
+    """`num_images` images of `spec` drawn at random by `seed` (all of them if there are fewer), RGB."""
+    images = open_images_for_training(spec, image_size)
+    n = min(num_images, len(images))
+    return ImageSubset(images, np.sort(np.random.default_rng(seed).permutation(len(images))[:n]))
 
 
 def open_data(
