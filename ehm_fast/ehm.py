@@ -11,18 +11,15 @@
 returns a dict of 0-d tensors; nothing in it waits for the device (read them with .item() only
 when you log). Every loss goes through `ehm_fast.losses`.
 
-Speed paths (each on by default on a GPU, off on the CPU): bf16 autocast, channels_last, and the
-capture of a whole iteration (all critic steps and the generator step, optimizer steps included)
-in one CUDA graph per critic-step count. Steps whose loss or gradients are not finite are skipped
-and counted in `bad_steps`; with Adam (torch's fused kernel) the skip happens inside the kernel
-(its `found_inf`), with no host sync; SVRG/STORM check the loss on the host once per step.
+Speed paths (each on by default on a GPU, off on the CPU): bf16 autocast, channels_last, the
+layer levers of `ehm_fast.nn`, and the capture of a whole iteration (all critic steps and the
+generator step, optimizer steps included) in one CUDA graph per critic-step count. How a loss
+becomes an update (optimizers, skipping non-finite steps into `bad_steps`, DDP per phase, the
+graphs) is `ehm_fast.engine`; this module is the mathematics of docs/math.md.
 
-Data-parallel (torch.distributed initialised, e.g. under torchrun): each phase's parameters are
-wrapped in DistributedDataParallel, and each phase's whole loss (every network pass, the gradient
-penalty's double backward included) runs inside one DDP forward, so the reducer sees exactly one
-forward per backward and averages exactly the parameters that phase trains (docs/ddp.md says
-why). Every random draw is made for the global batch from a generator seeded alike on every rank,
-and each rank takes its slice: N ranks with batch B compute what one process with batch N*B does.
+Data-parallel (torch.distributed initialised, e.g. under torchrun): every random draw is made for
+the global batch from a generator seeded alike on every rank, and each rank takes its slice: N
+ranks with batch B compute what one process with batch N*B does (docs/ddp.md).
 """
 
 from __future__ import annotations
@@ -32,68 +29,20 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from . import losses
-from .config import ConfigError, EHMConfig
+from .config import EHMConfig
+from .engine import IterationGraphs, LossClosure, Metrics, StepEngine, make_optimizer, wrap_phase
+from .likelihood import sample_image
 from .models import EHMModels
 from .nn.layers import profile_range
 from .nn.options import levers_for
 from .nn.weights import WeightCache
-
-_HALF_OPEN = 0.5 - 2.0**-25  # the largest float32 below 0.5: |u| of a Laplace draw stays under 1/2
-
-Metrics = dict[str, Tensor]
-
-
-def make_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], device: torch.device,
-    capturable: bool = False, snapshot_every: int = 100, snapshot_batches: int = 16,
-) -> torch.optim.Optimizer:
-    """Adam (torch's fused kernel), or SVRG/STORM from ehm_fast.optim (driven with a closure; EHM
-    refreshes SVRG's snapshot itself when it is due)."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True, capturable=capturable and device.type == "cuda")
-    if name in ("svrg", "storm"):
-        try:
-            from . import optim as eoptim
-        except ImportError as exc:
-            raise ConfigError(
-                f"--optimizer {name} needs ehm_fast.optim, which this installation lacks ({exc}); use --optimizer adam"
-            ) from None
-        cls = getattr(eoptim, name.upper(), None)
-        if cls is None:
-            raise ConfigError(f"--optimizer {name}: ehm_fast.optim has no {name.upper()} class; use --optimizer adam")
-        if name == "svrg":
-            return cls(params, lr=lr, betas=betas, snapshot_every=snapshot_every, snapshot_batches=snapshot_batches)
-        return cls(params, lr=lr, betas=betas)
-    raise ConfigError(f"optimizer must be adam, svrg or storm, got {name!r}")
-
-
-class _Phase(nn.Module):
-    """What DDP wraps for one phase: exactly the parameters the phase trains (shared, no buffers);
-    forward runs the phase's loss closure, so a backward follows exactly one DDP forward however
-    many network passes (and autograd.grad calls) the loss makes."""
-
-    def __init__(self, params: list[nn.Parameter]) -> None:
-        super().__init__()
-        self.trained = nn.ParameterList(params)
-
-    def forward(self, closure: Callable[[], Any]) -> Any:
-        return closure()
-
-
-@dataclass
-class _Graph:
-    graph: Any
-    inputs: list[Tensor]
-    outputs: Metrics
 
 
 class EHM:
@@ -132,19 +81,24 @@ class EHM:
         self.uses_critic = cfg.objective != "vae"
         self.g_params = models.generator_parameters()
         self.c_params = [p for p in models.critic.parameters() if p.requires_grad]
-        snap = {"snapshot_every": cfg.snapshot_every, "snapshot_batches": cfg.snapshot_batches}
-        self.opt_g = make_optimizer(cfg.optimizer, self.g_params, cfg.lr, cfg.betas, self.device, self.cuda_graph, **snap)
-        self.opt_c = make_optimizer(cfg.optimizer, self.c_params, cfg.lr_critic, cfg.betas, self.device, self.cuda_graph,
-                                    **snap)
+        joint = cfg.vr_reference == "joint" and self.uses_critic
+        common = {"device": self.device, "capturable": self.cuda_graph, "snapshot_every": cfg.snapshot_every,
+                  "snapshot_batches": cfg.snapshot_batches, "modules": [models]}
+        self.opt_g = make_optimizer(cfg.optimizer, self.g_params, cfg.lr, cfg.betas,
+                                    held=self.c_params if joint else (), **common)
+        self.opt_c = make_optimizer(cfg.optimizer, self.c_params, cfg.lr_critic, cfg.betas,
+                                    held=self.g_params if joint else (), **common)
         # DDP per phase (built last: its constructor broadcasts rank 0's weights).
-        self.ddp_g = self._wrap(self._generator_trained()) if self.world_size > 1 else None
-        self.ddp_c = self._wrap(self.c_params) if self.world_size > 1 and self.uses_critic else None
-        # Fused Adam skips a step in its kernel when its found_inf is 1: no host sync.
-        self._device_skip = cfg.optimizer == "adam"
+        self.ddp_g = wrap_phase(self._generator_trained()) if self.world_size > 1 else None
+        self.ddp_c = wrap_phase(self.c_params) if self.world_size > 1 and self.uses_critic else None
+        self.engine = StepEngine(self.device, self.world_size)
+        self.graphs = IterationGraphs(self._iteration, self._state_tensors, [self.opt_g, self.opt_c])
         self.step_count = 0  # generator steps done
-        self.bad_steps = torch.zeros((), device=self.device)  # optimizer steps skipped (non-finite)
-        self._one = torch.ones((), device=self.device)
-        self._graphs: dict[int, _Graph] = {}
+
+    @property
+    def bad_steps(self) -> Tensor:
+        """Optimizer steps skipped because their loss or gradients were not finite (0-d tensor)."""
+        return self.engine.bad_steps
 
     # ------------------------------------------------------------------ data parallel
     def _generator_trained(self) -> list[nn.Parameter]:
@@ -156,11 +110,6 @@ class EHM:
         if wgan or self.cfg.likelihood == "bernoulli":
             params = [p for p in params if p is not dec.log_scale]
         return params
-
-    def _wrap(self, params: list[nn.Parameter]) -> DistributedDataParallel:
-        # gradient_as_bucket_view stays off: SVRG/STORM keep one evaluation's gradients while the
-        # next backward runs, which bucket views would overwrite.
-        return DistributedDataParallel(_Phase(params), device_ids=None)
 
     def _draw(self, kind: str, shape: tuple[int, ...], **kw: Any) -> Tensor:
         """torch.randn / rand / randint (kind) for the global batch, this rank's slice: the first
@@ -201,11 +150,7 @@ class EHM:
         n = self.n_critic_now()
         real = self._take(batches, n + 1)
         if self.cuda_graph:
-            g = self._graphs.get(n) or self._capture(real, n)
-            for buf, b in zip(g.inputs, real):
-                buf.copy_(b, non_blocking=True)
-            g.graph.replay()
-            metrics = g.outputs
+            metrics = self.graphs.run([self._prepare(b) for b in real], n)
         else:
             metrics = self._iteration([self._prepare(b) for b in real], n)
         self.step_count += 1
@@ -250,29 +195,15 @@ class EHM:
         return self._draw("randn" if self.cfg.likelihood == "gaussian" else "rand", tuple(like.shape))
 
     def _sample_x(self, out: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """x~ ~ p(x|z) (pathwise in `out` and log_scale) as an image in [-1, 1], and log p(x~|z)
-        in fp32; the mean image and None when `noise` is None."""
-        dec, out = self.models.decoder, out.float()
-        if noise is None:
-            return dec.to_image(out), None
-        lik, b = self.cfg.likelihood, self.cfg.backend
-        if lik == "bernoulli":
-            x01 = (noise < torch.sigmoid(out)).float()
-            return x01 * 2 - 1, -losses.bernoulli_nll(x01, out, backend=b)
-        log_scale = dec.log_scale.float()
-        if lik == "gaussian":
-            x = out + torch.exp(log_scale) * noise
-            return x, -losses.gaussian_nll(x, out, log_scale, backend=b)
-        # inverse CDF of the Laplace distribution; torch.rand gives exactly 0 once in 2^24 draws (in
-        # about one step of six at batch 256, 64x64 RGB), whose quantile is -inf: the open interval
-        # keeps it finite
-        u = (noise - 0.5).clamp(-_HALF_OPEN, _HALF_OPEN)
-        x = out - torch.exp(log_scale) * torch.sign(u) * torch.log1p(-2 * u.abs())
-        return x, -losses.laplace_nll(x, out, log_scale, backend=b)
+        """x~ ~ p(x|z) as an image in [-1, 1] and log p(x~|z) in fp32 (the mean image and None
+        without noise)."""
+        dec = self.models.decoder
+        return sample_image(self.cfg.likelihood, out, dec.log_scale, noise, to_image=dec.to_image,
+                            backend=self.cfg.backend)
 
     def _critic_step(self, x: Tensor) -> Metrics:
         with self._trainable(critic=True):
-            metrics = self._optimize(self.opt_c, self.c_params, self._critic_closure(x), self.ddp_c,
+            metrics = self.engine.optimize(self.opt_c, self.c_params, self._critic_closure(x), self.ddp_c,
                                      lambda: self._critic_closure(self._fresh_batch(x)))
         if self.cfg.lipschitz == "clip":
             with torch.no_grad():
@@ -297,7 +228,7 @@ class EHM:
         proposal = log_p if self.estimator == "importance" else None
         return losses.critic_loss(f_real, f_fake, proposal, estimator=self.estimator, backend=backend)
 
-    def _critic_closure(self, x: Tensor) -> Callable[[], tuple[Tensor, Metrics]]:
+    def _critic_closure(self, x: Tensor) -> LossClosure:
         """The critic loss on batch `x`, with its fakes and noise drawn now (before the closure)."""
         m, cfg = self.models, self.cfg
         b = x.shape[0]
@@ -336,12 +267,12 @@ class EHM:
 
     def _generator_step(self, x: Tensor) -> Metrics:
         with self._trainable(critic=False):
-            metrics = self._optimize(self.opt_g, self.g_params, self._generator_closure(x), self.ddp_g,
+            metrics = self.engine.optimize(self.opt_g, self.g_params, self._generator_closure(x), self.ddp_g,
                                      lambda: self._generator_closure(self._fresh_batch(x)))
         metrics["log_scale"] = self.models.decoder.log_scale.detach().float().mean()
         return metrics
 
-    def _generator_closure(self, x: Tensor) -> Callable[[], tuple[Tensor, Metrics]]:
+    def _generator_closure(self, x: Tensor) -> LossClosure:
         """The wake + sleep (or wgan-gp generator) loss on batch `x`, noise drawn now."""
         m, cfg = self.models, self.cfg
         b, obj = x.shape[0], cfg.objective
@@ -428,7 +359,7 @@ class EHM:
             sleep = sleep + log_p
         return sleep
 
-    # ------------------------------------------------------------------ optimisation
+    # ------------------------------------------------------------------ phases
     @contextlib.contextmanager
     def _trainable(self, critic: bool) -> Iterator[None]:
         """Only the phase's own parameters collect gradients (no critic weight-gradients in the
@@ -443,113 +374,13 @@ class EHM:
             for p in self.c_params + self.g_params:
                 p.requires_grad_(True)
 
-    def _optimize(
-        self, opt: torch.optim.Optimizer, params: list[Tensor], closure: Callable[[], tuple[Tensor, Metrics]],
-        ddp: DistributedDataParallel | None, fresh: Callable[[], Callable[[], tuple[Tensor, Metrics]]],
-    ) -> Metrics:
-        """Backward the closure's loss (through `ddp`, which averages the gradients over ranks) and
-        step `opt`, skipping (and counting) non-finite steps. `fresh()` gives the loss closure of a
-        new batch with new noise, for SVRG's snapshot passes."""
-
-        def run(fn: Callable[[], tuple[Tensor, Metrics]]) -> tuple[Tensor, Metrics]:
-            return fn() if ddp is None else ddp(fn)
-
-        if not isinstance(opt, torch.optim.Adam):
-            # Variance-reduced optimizers re-evaluate the closure at their reference point (same
-            # batch and noise): each evaluation is a DDP forward/backward, so the reference
-            # gradients are averaged over ranks like the current ones and every rank keeps the same state.
-            if getattr(opt, "snapshot_due", False):
-                self._refresh_snapshot(opt, run, ddp, fresh)
-            box: dict[str, Metrics] = {}
-
-            def loss_closure() -> Tensor:
-                opt.zero_grad(set_to_none=True)
-                loss, metrics = run(closure)
-                box.setdefault("m", metrics)  # the metrics at the current weights, not the replay's
-                loss.backward()
-                return loss.detach()
-
-            loss = opt.step(loss_closure)
-            self.bad_steps += self._any_rank((~torch.isfinite(loss)).float())
-            return box["m"]
-        opt.zero_grad(set_to_none=True)
-        loss, metrics = run(closure)
-        with profile_range("backward"):
-            loss.backward()
-        # 0-d like GradScaler's found_inf: fused Adam subtracts it in place from its 0-d step counts
-        found = (~torch.isfinite(loss.detach())).float()
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
-        found = self._any_rank(found)
-        if self._device_skip:
-            opt.found_inf = found  # fused Adam: the kernel does nothing where found_inf is 1
-            with profile_range("optimizer"):
-                opt.step()
-        elif not found.item():
-            opt.step()
-        self.bad_steps += found
-        return metrics
-
-    def _refresh_snapshot(self, opt: Any, run: Callable, ddp: DistributedDataParallel | None,
-                          fresh: Callable[[], Callable[[], tuple[Tensor, Metrics]]]) -> None:
-        """SVRG's snapshot: the mean gradient over snapshot_batches fresh batches (the current one
-        again and again without a batch source). DDP's reduction is off there: SVRG sums the local
-        gradients and all-reduces the sum once."""
-
-        def snapshot_closure() -> Tensor:
-            loss, _ = run(fresh())
-            loss.backward()
-            return loss.detach()
-
-        with contextlib.nullcontext() if ddp is None else ddp.no_sync():
-            opt.refresh_snapshot(snapshot_closure, opt.snapshot_batches)
-
-    def _any_rank(self, flag: Tensor) -> Tensor:
-        """`flag` (1 = skip this step) maxed over ranks, so every rank skips the same steps."""
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag
-
-    # ------------------------------------------------------------------ CUDA graph
-    def _capture(self, real: list[Tensor], n: int) -> _Graph:
-        """Capture a whole iteration with `n` critic steps. Warm-up iterations run on a side
-        stream (as torch.cuda.graphs requires) and their effect on the weights, optimizer states
-        and counters is undone before the capture, so training is not changed by it."""
-        inputs = [self._prepare(b).clone() for b in real]
-        saved = self._snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._iteration(inputs, n)
-        torch.cuda.current_stream().wait_stream(side)
-        self._restore(saved)
-        self.opt_g.zero_grad(set_to_none=True)
-        self.opt_c.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self._iteration(inputs, n)
-        self._graphs[n] = _Graph(graph, inputs, outputs)
-        return self._graphs[n]
-
     def _state_tensors(self) -> list[tuple[str, Tensor]]:
+        """Every tensor an iteration changes: weights, buffers, optimizer state, the skip count."""
         items = [("m." + k, v) for k, v in self.models.state_dict(keep_vars=True).items()]
         for name, opt in (("g", self.opt_g), ("c", self.opt_c)):
             for i, st in enumerate(opt.state.values()):
                 items += [(f"{name}{i}.{k}", v) for k, v in st.items() if isinstance(v, Tensor)]
         return items + [("bad", self.bad_steps)]
-
-    def _snapshot(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self._state_tensors()}
-
-    @torch.no_grad()
-    def _restore(self, saved: dict[str, Tensor]) -> None:
-        for k, v in self._state_tensors():
-            if k in saved:
-                v.copy_(saved[k])
-            else:  # optimizer state the warm-up created: a fresh Adam has zeros (step 0)
-                v.zero_()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -567,4 +398,4 @@ class EHM:
         self.opt_c.load_state_dict(state["opt_c"])
         self.step_count = int(state["step"])
         self.bad_steps.fill_(state["bad_steps"])
-        self._graphs.clear()  # captured graphs point at the old optimizer state tensors
+        self.graphs.clear()  # captured graphs point at the old optimizer state tensors

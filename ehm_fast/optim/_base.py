@@ -34,10 +34,21 @@ def check_hyperparameters(lr: float, base: str, betas: tuple[float, float], eps:
 
 
 class ControlVariateOptimizer(Optimizer):
-    """Base of SVRG and STORM: runs a base rule on v = (g - alpha g_ref) + alpha anchor."""
+    """Base of SVRG and STORM: runs a base rule on v = (g - alpha g_ref) + alpha anchor.
+
+    `held`: tensors the closure reads but this optimizer does not step (in a two-player game, the
+    other player's weights). Their values at the reference point are part of it: g_ref is evaluated
+    with both the own and the held tensors at their reference values, so that g - g_ref + anchor
+    estimates the gradient at the current point without bias (the joint reference of SVRE). Without
+    `held` the other tensors stay at their current values during the replay.
+
+    A step whose loss, gradients or control-variate terms are not finite is skipped: no parameter
+    or state changes, and `last_step_skipped` (a 0-d float tensor, maxed over ranks when
+    torch.distributed is initialised) is 1; it is 0 after an applied step.
+    """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], modules: Iterable[nn.Module],
-                 generators: Iterable[torch.Generator], backend: Optional[str]) -> None:
+                 generators: Iterable[torch.Generator], backend: Optional[str], held: Iterable[Tensor] = ()) -> None:
         check_hyperparameters(defaults["lr"], defaults["base"], defaults["betas"], defaults["eps"],
                               defaults["momentum"], defaults["dampening"], defaults["nesterov"],
                               defaults["weight_decay"])
@@ -45,6 +56,24 @@ class ControlVariateOptimizer(Optimizer):
         self.modules = list(modules)
         self.generators = list(generators)
         self.backend = backend
+        self.held = list(held)
+        own = {id(p) for p in self._params()}
+        if any(id(t) in own for t in self.held):
+            raise ValueError("held tensors must not be parameters of this optimizer")
+        self.last_step_skipped = torch.zeros(())
+
+    def _non_finite(self, loss: Tensor, *tensor_lists: Optional[Sequence[Tensor]]) -> bool:
+        """Whether anything of the step is not finite (agreed over ranks); sets last_step_skipped."""
+        tensors = [t for ts in tensor_lists if ts for t in ts if t is not None]
+        found = (~torch.isfinite(loss.detach().float())).float().reshape(())
+        if tensors:
+            found = found.to(tensors[0].device)
+            flags = torch._foreach_norm(tensors, ord=float("inf"))  # inf / NaN survive the max-norm
+            found = torch.maximum(found, (~torch.isfinite(torch.stack([f.float() for f in flags]))).any().float())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+        self.last_step_skipped = found
+        return bool(found.item())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
@@ -143,8 +172,9 @@ class ControlVariateOptimizer(Optimizer):
 
         return launches, commit
 
-    def _control_variate_reference(self) -> tuple[list[Tensor], list[Tensor], float]:
-        """(parameters, their reference values, alpha) for gradient_variance."""
+    def _control_variate_reference(self) -> tuple[list[Tensor], list[Tensor], float, list[Tensor], list[Tensor]]:
+        """(parameters, their reference values, alpha, held tensors, their reference values) for
+        gradient_variance."""
         raise NotImplementedError
 
     # state that is not per parameter (subclasses add to it)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -20,32 +20,41 @@ class STORM(ControlVariateOptimizer):
     `step(closure)` runs the closure at w_t, replays it at w_{t-1} with the same RNG state
     (BatchNorm statistics of `modules` untouched) and hands v_t to the base rule. The first step
     (and a parameter's first step after add_param_group) uses v = g. a = 1 is the plain base rule.
+
+    With `held` tensors (the other player's weights in a game) w_{t-1} includes their values at
+    this optimizer's previous step, so the correction g_t(w_{t-1}) is the gradient at the previous
+    point of both players (the joint reference); without, the replay reads their current values.
+    Non-finite steps are skipped (`last_step_skipped`) and leave w_{t-1} and v_{t-1} as they were.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, *, a: float = 0.1, base: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  modules: Iterable[nn.Module] = (), generators: Iterable[torch.Generator] = (),
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, held: Iterable[Tensor] = ()) -> None:
         if not 0.0 < a <= 1.0:
             raise ValueError(f"a must be in (0, 1], got {a}")
         defaults = dict(lr=lr, base=base, betas=tuple(betas), eps=eps, momentum=momentum, dampening=dampening,
                         nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, defaults, modules, generators, backend)
+        super().__init__(params, defaults, modules, generators, backend, held)
         self.a = a
+        self._held_previous: Optional[list[Tensor]] = None
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Tensor:
         loss, params, grads, rng = self._evaluate(closure)
-        if not params:
-            return loss
         alpha = 1.0 - self.a
-        known = [p for p in params if "previous" in self.state[p]]
+        joint_known = not self.held or self._held_previous is not None
+        known = [p for p in params if "previous" in self.state[p]] if joint_known else []
         ref_by_id: dict[int, Tensor] = {}
         if known and alpha != 0.0:
-            _, ref = evaluate_at(closure, known, [self.state[p]["previous"] for p in known], rng, self.modules)
+            values = [self.state[p]["previous"] for p in known] + (self._held_previous or [])
+            _, ref = evaluate_at(closure, known, values, rng, self.modules, swap=known + self.held)
             self._check_reference(known, ref)
             ref_by_id = {id(p): g for p, g in zip(known, ref)}
+        old_directions = [self.state[p]["direction"] for p in known if id(p) in ref_by_id]
+        if self._non_finite(loss, grads, list(ref_by_id.values()), old_directions) or not params:
+            return loss
         directions = [self.state[p].get("direction") for p in params]
         directions = [torch.empty_like(p, dtype=F.state_dtype(p.dtype)) if d is None else d
                       for p, d in zip(params, directions)]
@@ -69,8 +78,20 @@ class STORM(ControlVariateOptimizer):
             run()
         for p, w, d in zip(params, previous, directions):
             self.state[p]["previous"], self.state[p]["direction"] = w, d
+        if self.held:
+            self._held_previous = [t.detach().clone() if w is None else w.copy_(t)
+                                   for t, w in zip(self.held, self._held_previous or [None] * len(self.held))]
         return loss
 
-    def _control_variate_reference(self) -> tuple[list[Tensor], list[Tensor], float]:
+    def _extra_state(self) -> dict[str, Any]:
+        return {"held_previous": self._held_previous}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        held = extra.get("held_previous")
+        self._held_previous = None if held is None else [
+            v.to(t.device, t.dtype, copy=True) for v, t in zip(held, self.held)]
+
+    def _control_variate_reference(self) -> tuple[list[Tensor], list[Tensor], float, list[Tensor], list[Tensor]]:
         params = [p for p in self._params() if "previous" in self.state[p]]
-        return params, [self.state[p]["previous"] for p in params], 1.0 - self.a
+        held = self._held_previous or []
+        return params, [self.state[p]["previous"] for p in params], 1.0 - self.a, self.held[:len(held)], held

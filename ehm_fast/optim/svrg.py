@@ -22,6 +22,12 @@ class SVRG(ControlVariateOptimizer):
     at w_snap with the same RNG state (g_snap; BatchNorm statistics of `modules` untouched) and
     hands v = g - g_snap + mu_snap to the base rule.
 
+    With `held` tensors (the other player's weights in a game) the snapshot holds their values too
+    and g_snap and mu_snap are both taken at the joint snapshot, so v is an unbiased estimate of the
+    gradient at the current point of both (SVRE's estimator); without, the replay reads the held
+    tensors' current values while mu_snap was computed at their old ones. Non-finite steps are
+    skipped (`last_step_skipped`).
+
     The snapshot is refreshed by `refresh_snapshot(closure)`, which averages the gradient over
     `snapshot_batches` calls of `closure` (each should draw its own batch) and all-reduces it when
     torch.distributed is initialised. It is due every `snapshot_every` steps ("periodic") or after
@@ -36,7 +42,7 @@ class SVRG(ControlVariateOptimizer):
                  snapshot_every: int = 100, snapshot_policy: str = "periodic", snapshot_batches: int = 16,
                  snapshot_closure: Optional[Closure] = None, modules: Iterable[nn.Module] = (),
                  generators: Iterable[torch.Generator] = (), seed: Optional[int] = None,
-                 backend: Optional[str] = None) -> None:
+                 backend: Optional[str] = None, held: Iterable[Tensor] = ()) -> None:
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
             raise ValueError(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
         if snapshot_policy not in POLICIES:
@@ -45,7 +51,7 @@ class SVRG(ControlVariateOptimizer):
             raise ValueError(f"snapshot_batches must be an int >= 1, got {snapshot_batches!r}")
         defaults = dict(lr=lr, base=base, betas=tuple(betas), eps=eps, momentum=momentum, dampening=dampening,
                         nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, defaults, modules, generators, backend)
+        super().__init__(params, defaults, modules, generators, backend, held)
         self.snapshot_every = snapshot_every
         self.snapshot_policy = snapshot_policy
         self.snapshot_batches = snapshot_batches
@@ -55,6 +61,7 @@ class SVRG(ControlVariateOptimizer):
             int(torch.randint(2**62, (1,)).item()) if seed is None else seed)
         self._steps_since_snapshot = 0
         self._due = True
+        self._held_snapshot: Optional[list[Tensor]] = None
 
     @property
     def snapshot_due(self) -> bool:
@@ -63,12 +70,14 @@ class SVRG(ControlVariateOptimizer):
 
     @property
     def has_snapshot(self) -> bool:
-        return all("snapshot" in self.state[p] for p in self._params() if p.requires_grad)
+        own = all("snapshot" in self.state[p] for p in self._params() if p.requires_grad)
+        return own and (not self.held or self._held_snapshot is not None)
 
     @torch.no_grad()
     def refresh_snapshot(self, closure: Closure, num_batches: Optional[int] = None) -> None:
-        """w_snap <- w, mu_snap <- mean gradient over num_batches closure calls (default
-        snapshot_batches), summed over ranks when torch.distributed is initialised."""
+        """w_snap <- w (and the held tensors' values), mu_snap <- mean gradient over num_batches
+        closure calls (default snapshot_batches), summed over ranks when torch.distributed is
+        initialised. The modules' buffers are left as they were."""
         num_batches = self.snapshot_batches if num_batches is None else num_batches
         if not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"num_batches must be an int >= 1, got {num_batches!r}")
@@ -101,6 +110,7 @@ class SVRG(ControlVariateOptimizer):
         for p, s in zip(params, sums):
             self.state[p]["snapshot"] = p.detach().clone()
             self.state[p]["snapshot_mean"] = s.div_(count)
+        self._held_snapshot = [t.detach().clone() for t in self.held]
         self._steps_since_snapshot = 0
         self._due = False
 
@@ -112,15 +122,17 @@ class SVRG(ControlVariateOptimizer):
             raise RuntimeError("SVRG has no snapshot for some parameters: call refresh_snapshot(closure) before the "
                                "first step and after add_param_group, or pass snapshot_closure=")
         loss, params, grads, rng = self._evaluate(closure)
+        ref_grads, anchors = [], []
         if params:
-            snapshots = [self.state[p]["snapshot"] for p in params]
-            _, ref_grads = evaluate_at(closure, params, snapshots, rng, self.modules)
+            snapshots = [self.state[p]["snapshot"] for p in params] + (self._held_snapshot or [])
+            _, ref_grads = evaluate_at(closure, params, snapshots, rng, self.modules, swap=params + self.held)
             self._check_reference(params, ref_grads)
             anchors = [self.state[p]["snapshot_mean"] for p in params]
+        if not self._non_finite(loss, grads, ref_grads, anchors) and params:
             launches, commits = self._plan_base(params, grads, ref_grads, anchors, None, alpha=1.0)
             for run in launches + commits:
                 run()
-        self._advance_schedule()
+        self._advance_schedule()  # a skipped step counts too: a non-finite snapshot gets replaced
         return loss
 
     def _advance_schedule(self) -> None:
@@ -132,14 +144,18 @@ class SVRG(ControlVariateOptimizer):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"steps_since_snapshot": self._steps_since_snapshot, "due": self._due,
-                "coin": self._coin.get_state()}
+                "coin": self._coin.get_state(), "held_snapshot": self._held_snapshot}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         if extra:
             self._steps_since_snapshot = extra["steps_since_snapshot"]
             self._due = extra["due"]
             self._coin.set_state(extra["coin"])
+            held = extra.get("held_snapshot")
+            self._held_snapshot = None if held is None else [
+                v.to(t.device, t.dtype, copy=True) for v, t in zip(held, self.held)]
 
-    def _control_variate_reference(self) -> tuple[list[Tensor], list[Tensor], float]:
+    def _control_variate_reference(self) -> tuple[list[Tensor], list[Tensor], float, list[Tensor], list[Tensor]]:
         params = [p for p in self._params() if "snapshot" in self.state[p]]
-        return params, [self.state[p]["snapshot"] for p in params], 1.0
+        held = self._held_snapshot or []
+        return params, [self.state[p]["snapshot"] for p in params], 1.0, self.held[:len(held)], held

@@ -59,12 +59,14 @@ def gradient_variance(closure: Closure, params: Sequence[Tensor],
     reference values (SVRG: the snapshot, alpha = 1; STORM: the previous parameters, alpha = 1 - a).
 
     `reference` is a list of values, one per parameter, or an SVRG/STORM optimizer (its snapshot
-    or previous parameters and its alpha; `params` are then the optimizer's that have them).
+    or previous parameters with its held tensors' reference values, and its alpha; `params` are
+    then the optimizer's that have them).
     Parameters, .grad, BatchNorm statistics of `modules` and the RNG after the last batch are as a
     plain run of the closure would leave them.
     """
+    held, held_values = [], []
     if isinstance(reference, ControlVariateOptimizer):
-        params, values, own_alpha = reference._control_variate_reference()
+        params, values, own_alpha, held, held_values = reference._control_variate_reference()
         alpha = own_alpha if alpha is None else alpha
         if not params:
             raise RuntimeError("the optimizer has no reference parameters yet (no snapshot / no step taken)")
@@ -80,7 +82,7 @@ def gradient_variance(closure: Closure, params: Sequence[Tensor],
     try:
         for _ in range(num_batches):
             _, grads, rng = evaluate(closure, params, generators)
-            _, ref = evaluate_at(closure, params, values, rng, modules)
+            _, ref = evaluate_at(closure, params, values + held_values, rng, modules, swap=params + held)
             if any(g is None for g in grads) or any(r is None for r in ref):
                 raise RuntimeError("every parameter must get a gradient from the closure")
             plain.add(grads)
