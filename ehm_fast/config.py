@@ -44,7 +44,7 @@ class EHMConfig:
                          "(symmetric VAE), vae (ELBO, no critic), wgan-gp (decoder trained by the critic alone)", OBJECTIVES)
     estimator: str = opt("jensen", "critic's log-partition estimate: importance (logsumexp of f(x~) - log p(x~|z), "
                          "x~ sampled with the decoder noise) or jensen (its lower bound, WGAN's mean f(x~))", ESTIMATORS)
-    n_critic: int = opt(2, "critic steps per generator step (WGAN-GP uses 5; 2 keeps the digits default within a few CPU minutes)")
+    n_critic: int = opt(2, "critic steps per generator step (the WGAN-GP paper uses 5)")
     critic_schedule: str = opt("constant", "constant n_critic, or wgan: 100 critic steps for the first 25 generator "
                                "steps and every 500th", SCHEDULES)
     lipschitz: str = opt("gp", "how the critic is kept Lipschitz: gp (gradient penalty), clip (weight clipping), none",
@@ -57,10 +57,11 @@ class EHMConfig:
     sleep_code_noise: float = opt(0.1, "t, the standard deviation around the sleep-phase code (sleep_latent=kl)")
     sleep_noise: bool = opt(False, "sample x~ = G(z) + s*eps in the sleep phase instead of taking the mean G(z)")
     sleep_decoder_grad: bool = opt(True, "let sleep-phase gradients flow into the decoder through x~")
-    critic_weight: float = opt(100.0, "weight w of -f(x~) in the sleep loss (1 is the literal EHM objective; the "
-                               "decoder's reconstruction gradient is ~1/s^2 larger; on the digits w = 100 beat 30 and 1)")
+    critic_weight: float = opt(100.0, "weight w of -f(x~) in the sleep loss (1 is the literal EHM objective; a larger w "
+                               "lets the critic compete with the reconstruction gradient, ~1/s^2 larger)")
     likelihood: str = opt("gaussian", "decoder likelihood p(x|z)", ("gaussian", "laplace", "bernoulli"))
-    log_scale: float = opt(math.log(0.1), "initial log standard deviation (gaussian) or log scale (laplace)")
+    log_scale: float = opt(math.log(0.1), "initial log standard deviation (gaussian) or log scale (laplace) "
+                           "(default: log 0.1 = -2.303)")
     learn_scale: bool = opt(True, "learn the decoder's log_scale (else it stays fixed)")
     optimizer: str = opt("adam", "adam (torch's fused Adam), or svrg / storm from ehm_fast.optim", OPTIMIZERS)
     snapshot_every: int = opt(100, "svrg: optimizer steps between snapshots (full-gradient estimates)")
@@ -81,7 +82,7 @@ class EHMConfig:
     cuda_graph: bool | None = opt(None, "capture each iteration in a CUDA graph (default: on on a GPU when the "
                                   "optimizer can skip a non-finite step on the device)")
     image_layers: str = opt("cudnn", "the layers that read and write images (3 channels): cudnn convolutions, or "
-                            "matmul (im2col + one matmul: the same sums; not yet timed on a GPU)", IMAGE_LAYERS)
+                            "matmul (im2col + one matmul: the same sums)", IMAGE_LAYERS)
     layer_levers: str = opt("auto", "the exact layer speedups of ehm_fast.nn in force: auto (all on a GPU, none on "
                             "the CPU), all, none, a comma list, or -name,... for all but those; " + "; ".join(f"{k}: {v}" for k, v in LEVER_HELP.items()))
     local_log_partition: bool = opt(False, "with several processes, estimate the importance log-partition over each "
@@ -93,8 +94,8 @@ class EHMConfig:
 class TrainConfig(EHMConfig):
     """Everything a run needs; saved in every checkpoint."""
 
-    data: str = opt("digits", "data source: digits (scikit-learn's 8x8 digits, upsampled), folder:PATH (images in a "
-                    "folder), or shards:/lsun: specs handled by ehm_fast.data")
+    data: str = opt("digits", "data source: digits (scikit-learn's 8x8 digits, upsampled), shards:DIR (prepared by "
+                    "ehm-prepare: the fast path), or lsun:PATH, folder:PATH, zip:PATH (decoded while training)")
     image_size: int = opt(32, "image side in pixels (32, 64 or 128)", (32, 64, 128))
     batch_size: int = opt(64, "images per batch (across all devices)")
     steps: int = opt(1000, "generator steps to train")
@@ -111,8 +112,9 @@ class TrainConfig(EHMConfig):
     vamp_components: int = opt(32, "pseudo-inputs K of the VampPrior")
     sync_bn: bool = opt(False, "with several processes, BatchNorm statistics over the global batch (SyncBatchNorm; "
                         "CUDA only)")
-    out: str | None = opt(None, "run folder (default runs/<timestamp>)")
-    log_every: int = opt(10, "steps between progress/TensorBoard/metrics.jsonl records")
+    out: str | None = opt(None, "run folder (default: runs/<timestamp>, or the folder of the checkpoint given to --resume)")
+    log_every: int = opt(10, "steps between metrics.jsonl/TensorBoard records and progress-bar updates (in a "
+                        "file or pipe, a plain progress line about every 5%% of the run)")
     sample_every: int = opt(250, "steps between sample and reconstruction grids")
     ckpt_every: int = opt(500, "steps between checkpoints (one is also written at the end and on SIGINT/SIGTERM)")
     n_samples: int = opt(64, "images per sample grid")
@@ -241,7 +243,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> N
         flag = "--" + f.name.replace("_", "-")
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else None
-        text = f"{meta.get('help', '')} (default: {'auto' if default is None else default})"
+        text = meta.get("help", "")
+        if "(default" not in text:  # a help text may say its default better than repr does
+            text += f" (default: {'auto' if default is None else default})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": text, "dest": f.name}
         if base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
