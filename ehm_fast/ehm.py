@@ -78,6 +78,10 @@ class EHM:
         cached = self.amp and cfg.optimizer == "adam" and "weight_cache" in layers.levers
         self.weight_cache = WeightCache(models.conv_parameters()) if cached else None
         self.estimator = "jensen" if cfg.objective == "wgan-gp" else cfg.estimator
+        if self.estimator == "importance" and not cfg.sleep_noise and cfg.objective in ("ehm", "svae"):
+            warnings.warn("estimator=importance trains the critic on sampled images x~ ~ p(x|z) while the sleep "
+                          "phase scores the decoder's mean images (sleep_noise off): turn sleep_noise on so both "
+                          "see the same distribution", RuntimeWarning, stacklevel=2)
         self.uses_critic = cfg.objective != "vae"
         self.g_params = models.generator_parameters()
         self.c_params = [p for p in models.critic.parameters() if p.requires_grad]
@@ -355,9 +359,19 @@ class EHM:
             sleep = losses.kl_normal(z, lv_t, mu, lv, backend=cfg.backend) - f
         else:
             sleep = losses.sleep_loss(z, mu, lv, f, backend=cfg.backend)
-        if cfg.objective == "svae" and log_p is not None:
-            sleep = sleep + log_p
+        if cfg.objective == "svae":
+            sleep = sleep + (self._log_likelihood_of_mean(out) if log_p is None else log_p)
         return sleep
+
+    def _log_likelihood_of_mean(self, out: Tensor) -> Tensor:
+        """log p(x~|z) at x~ = the decoder's mean image: the symmetric VAE's sleep term when x~ is
+        not sampled (for gaussian and laplace it depends on the scale alone; for bernoulli it is
+        minus the entropy of the pixel probabilities)."""
+        lik, b, out = self.cfg.likelihood, self.cfg.backend, out.float()
+        if lik == "bernoulli":
+            return -losses.bernoulli_nll(torch.sigmoid(out), out, backend=b)
+        fn = losses.gaussian_nll if lik == "gaussian" else losses.laplace_nll
+        return -fn(out, out, self.models.decoder.log_scale.float(), backend=b)
 
     # ------------------------------------------------------------------ phases
     @contextlib.contextmanager
