@@ -1,4 +1,7 @@
-"""`ehm-sample`: draw a grid of samples (and reconstructions) from a trained checkpoint."""
+"""`ehm-sample`: draw a grid of samples (and reconstructions) from a trained checkpoint.
+
+`--refine langevin` moves the prior's codes by Langevin dynamics on -log p(z) - w f(G(z)) (the
+critic as a sampler, ehm_fast.sampling.langevin_latent) before decoding; docs/sampling.md."""
 
 from __future__ import annotations
 
@@ -10,11 +13,14 @@ import torch
 
 from .checkpoint import CheckpointError
 from .data import ImageFolder
+from .likelihood import vamp_prior_nll
 from .plots import save_grid, save_reconstructions
 from .cli import OneLineParser
 from .runs import load_models
+from .sampling import check_langevin_args, langevin_latent
 
 PROG = "ehm-sample"
+REFINERS = ("none", "langevin")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +33,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--reconstruct", metavar="DIR", help="also encode and decode the images of DIR (up to --n) into "
                    "a second grid, inputs above reconstructions, next to --out with the suffix _recon")
+    p.add_argument("--refine", choices=REFINERS, default="none", help="move the codes before decoding: langevin = "
+                   "Langevin dynamics on -log p(z) - w f(G(z)), the critic as a sampler (default: none)")
+    p.add_argument("--refine-steps", type=int, metavar="K", help="Langevin steps (default: 50)")
+    p.add_argument("--refine-step-size", type=float, metavar="ETA", help="Langevin step size eta in "
+                   "z <- z - eta grad E + sqrt(2 eta) xi (default: 0.01)")
+    p.add_argument("--refine-critic-weight", type=float, metavar="W", help="weight w of the critic in the energy "
+                   "(default: 1)")
+    p.add_argument("--refine-compare", action="store_true", help="also write the samples before refinement, each row "
+                   "followed by the same samples after it, next to --out with the suffix _refine")
     return p
+
+
+def refine_settings(args: argparse.Namespace) -> tuple[int, float, float] | None:
+    """(steps, step_size, critic_weight) of --refine langevin, None without it; ValueError for bad values."""
+    given = [f"--{k.replace('_', '-')}" for k in ("refine_steps", "refine_step_size", "refine_critic_weight",
+                                                   "refine_compare") if getattr(args, k) not in (None, False)]
+    if args.refine == "none":
+        if given:
+            raise ValueError(f"{given[0]} needs --refine langevin")
+        return None
+    steps = 50 if args.refine_steps is None else args.refine_steps
+    step_size = 0.01 if args.refine_step_size is None else args.refine_step_size
+    weight = 1.0 if args.refine_critic_weight is None else args.refine_critic_weight
+    check_langevin_args(steps, step_size, weight)
+    return steps, step_size, weight
+
+
+def refine_codes(models, z: torch.Tensor, steps: int, step_size: float, critic_weight: float) -> torch.Tensor:
+    """Langevin-refined codes under the checkpoint's own prior (N(0, I) or its VampPrior)."""
+    log_prior = None  # N(0, I)
+    if models.prior is not None:
+        mu_k, logvar_k = models.prior.components(models.encoder)
+
+        def log_prior(codes: torch.Tensor) -> torch.Tensor:
+            return -vamp_prior_nll(codes, mu_k, logvar_k)
+    return langevin_latent(models.decoder, models.critic, z, steps, step_size, critic_weight=critic_weight,
+                           log_prior=log_prior)
 
 
 def folder_images(path: str, image_size: int, channels: int, n: int) -> torch.Tensor:
@@ -46,12 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.n < 1:
             raise ValueError(f"--n must be at least 1, got {args.n}")
+        refine = refine_settings(args)
         models, cfg = load_models(args.checkpoint, args.device)
         torch.manual_seed(args.seed)
         nrow = args.nrow or max(1, int(math.sqrt(args.n)))
-        images = models.decoder(models.sample_prior(args.n, torch.device(args.device)))
+        z = models.sample_prior(args.n, torch.device(args.device))
+        images = models.decoder(z if refine is None else refine_codes(models, z, *refine))
         path = save_grid(images, args.out, nrow)
-        print(f"{PROG}: {args.n} samples written to {path}", file=sys.stderr)
+        what = "samples" if refine is None else f"samples after {refine[0]} Langevin steps of size {refine[1]:g}"
+        print(f"{PROG}: {args.n} {what} written to {path}", file=sys.stderr)
+        if args.refine_compare:
+            cpath = path.with_name(path.stem + "_refine" + path.suffix)
+            save_reconstructions(models.decoder(z), images, cpath, nrow=nrow)
+            print(f"{PROG}: each row of samples before refinement above the same samples after it written to "
+                  f"{cpath}", file=sys.stderr)
         if args.reconstruct:
             x = folder_images(args.reconstruct, cfg.image_size, models.encoder.channels, args.n).to(args.device)
             recons = models.decoder(models.encoder(x)[0])

@@ -17,10 +17,10 @@ from .mala import mala_step, mala_step_reference
 __all__ = [
     "AISResult",
     "ais_log_partition",
-    "linear_schedule",
-    "langevin_latent",
     "check_langevin_args",
-    "standard_normal_log_prior",
+    "langevin_latent",
+    "linear_schedule",
     "mala_step",
     "mala_step_reference",
+    "standard_normal_log_prior",
 ]

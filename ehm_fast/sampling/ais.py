@@ -144,7 +144,7 @@ def ais_log_partition(f: LogDensity, log_proposal: LogDensity, x0: Tensor, grad:
     gf, glp = gf.clone(), glp.clone()
     state = (x, gf, glp, fx.clone(), lpx.clone(), x.new_zeros(m),
              torch.as_tensor(step_size, dtype=dtype, device=x.device).expand(m).clone(), x.new_zeros(m))
-    step = dict(target=target_acceptance, backend=backend)
+    step = {"target": target_acceptance, "backend": backend}
     proposal = mala_step(*state, None, torch.randn_like(x), 0.0, betas[1], 0.0, **step)
     for k in range(1, n_steps + 1):
         fp, lpp, gfp, glpp = evaluate(proposal)
