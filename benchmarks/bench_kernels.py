@@ -7,7 +7,10 @@
 For each case: forward, backward (forward+backward minus forward) and forward+backward medians
 in microseconds, GB/s of the bytes that must move (each input read once, each output written
 once), the fraction of the device-to-device copy bandwidth measured in the same run, and the
-speedup against eager PyTorch and torch.compile of the reference. On a GPU also the forward+
+speedup against eager PyTorch and torch.compile of the reference. Cases with FLOPs (the conv
+family) also get TFLOP/s, from the CUDA-graph time where there is one, and its fraction of a
+large bf16 matmul's rate measured in the same run ("% peak", cases_conv.matmul_peak_tflops).
+On a GPU also the forward+
 backward (or step) replayed from CUDA graphs ("graph us"): the device time without the host's
 launch and dispatch costs, which dominate training-size ops in eager mode. Writes JSON and markdown to
 benchmarks/results/kernels_<device>_<date>.{json,md} and prints the table last.
@@ -49,7 +52,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(case: Case, device: torch.device, copy_gbs: float) -> list[dict]:
+def measure(case: Case, device: torch.device, copy_gbs: float, peak_tflops: float | None = None) -> list[dict]:
     rows = []
     for label, run in case.impls.items():
         row = {"family": case.family, "case": case.name, "impl": label}
@@ -74,6 +77,9 @@ def measure(case: Case, device: torch.device, copy_gbs: float) -> list[dict]:
                 row["graph_copy_frac"] = nbytes / (row["graph_us"] * 1e-6) / 1e9 / copy_gbs
             except Exception as exc:
                 row["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        if getattr(case, "flops", 0) and "total_us" in row:  # device time where a graph measured it
+            row["tflops"] = case.flops / (row.get("graph_us", row["total_us"]) * 1e-6) / 1e12
+            row["peak_frac"] = row["tflops"] / peak_tflops
         rows.append(row)
     for ref in ("eager", "compile", "foreach", "for-loop"):
         base = next((r for r in rows if r["impl"] == ref and "total_us" in r), None)
@@ -86,17 +92,18 @@ def measure(case: Case, device: torch.device, copy_gbs: float) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     header = ["family", "case", "impl", "fwd us", "bwd us", "fwd+bwd / step us", "GB/s", "% copy",
-              "x eager", "x compile", "x foreach", "graph us", "% copy (graph)"]
+              "x eager", "x compile", "x foreach", "graph us", "% copy (graph)", "TFLOP/s", "% peak"]
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["family"], r["case"], r["impl"], "n/a", "", "", "", "", "", "", r["error"][:60], "", ""])
+            body.append([r["family"], r["case"], r["impl"], "n/a", "", "", "", "", "", "", r["error"][:60], "", "",
+                         "", ""])
             continue
         fmt = lambda k, f="{:.1f}": f.format(r[k]) if k in r else ""  # noqa: E731
         body.append([r["family"], r["case"], r["impl"], fmt("fwd_us"), fmt("bwd_us"), fmt("total_us"), fmt("gbs"),
                      fmt("copy_frac", "{:.0%}"), fmt("x_vs_eager", "{:.2f}"), fmt("x_vs_compile", "{:.2f}"),
                      fmt("x_vs_foreach", "{:.2f}"), fmt("graph_us") or r.get("graph_error", "")[:40],
-                     fmt("graph_copy_frac", "{:.0%}")])
+                     fmt("graph_copy_frac", "{:.0%}"), fmt("tflops"), fmt("peak_frac", "{:.0%}")])
     return markdown_table(header, body)
 
 
@@ -112,12 +119,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{device_name(device)}: copy bandwidth {copy_gbs:.0f} GB/s (read + write)", flush=True)
     stem = "kernels" if not args.family else "kernels_" + "_".join(args.family)
     rows: list[dict] = []
+    meta: dict = {"copy_gbs": copy_gbs}
     for module in discover(args.family):
+        if hasattr(module, "matmul_peak_tflops") and "peak_tflops" not in meta:  # FLOP-bound families
+            meta["peak_tflops"] = module.matmul_peak_tflops(device, args.quick)
+            print(f"{device_name(device)}: matmul peak {meta['peak_tflops']:.1f} TFLOP/s", flush=True)
         for case in module.cases(device, args.quick):
             print(f"  {case.family}: {case.name}", flush=True)
-            rows.extend(measure(case, device, copy_gbs))
+            rows.extend(measure(case, device, copy_gbs, meta.get("peak_tflops")))
             if not args.no_save:  # after every case, so a run cut short still leaves its results
-                paths = write_results(stem, device, [{"copy_gbs": copy_gbs}] + rows, table(rows))
+                paths = write_results(stem, device, [meta] + rows, table(rows))
     text = table(rows)
     if not args.no_save and rows:
         print(f"wrote {paths[0]} and {paths[1]}")

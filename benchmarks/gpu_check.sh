@@ -27,7 +27,7 @@ elapsed() { echo $(( $(date +%s) - start )); }
 # split them, e.g. STEPS="train profile tests", then STEPS="data cpp_probe trainer log_partition".
 # Batch 1024 and a profile at 64 are left out: a second run of bench_train.py or profile_train.py
 # would overwrite that day's train_* or profile_* results of the first.
-steps=" ${STEPS:-train profile tests trainer cpp_probe log_partition likelihood optim data} "
+steps=" ${STEPS:-train profile conv tests trainer cpp_probe log_partition likelihood optim data} "
 want() { [[ $steps == *" $1 "* ]]; }
 
 step() {  # step <limit s> <log name> <command...>: runs within both its limit and the deadline
@@ -62,6 +62,9 @@ python -c "import ehm_fast._C as C; assert C.with_cuda(), 'built without CUDA'; 
 # Most important first; every benchmark saves its results as it goes, so a timeout keeps them.
 want train && step 200 bench_train.log python benchmarks/bench_train.py --batch 256 --batch 64
 want profile && step 70 profile_train.log python benchmarks/profile_train.py --batch 256
+# the Triton convolution gate: each kernel at every layer's batch-256 and -64 shape against cuDNN
+# and a same-shape cuBLAS matmul, TFLOP/s and % of the bf16 matmul peak (tuning + JIT included)
+want conv && step 150 bench_conv.log python benchmarks/bench_kernels.py --family conv
 
 # pytest-xdist spreads the Triton JIT compiles over the cores (two threads per worker, not 16);
 # pytest-timeout names a test that hangs.
@@ -84,7 +87,8 @@ want optim && step 35 bench_optim.log python benchmarks/bench_kernels.py --famil
 want likelihood && step 45 bench_likelihood.log python benchmarks/bench_kernels.py --family likelihood
 
 echo "== summary ($(elapsed) s)"
-grep -h "copy bandwidth\|matmul peak" "$logs"/bench_*.log | head -2
+grep -h "copy bandwidth\|matmul peak" "$logs"/bench_*.log | head -3
+grep -E "^\| conv" "$logs/bench_conv.log" 2>/dev/null | cut -d'|' -f3,4,7,10,15,16
 # results written by this run only (saved after every case: there even after a timeout)
 for f in $(find benchmarks/results -name 'kernels_*.md' -newer "$logs/gpu.txt" | sort); do
   [ -f "$f" ] && grep -E "ehm:cuda|ehm:triton" "$f" | cut -d'|' -f3,4,7,9,10,11,13,14 | head -14

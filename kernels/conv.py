@@ -29,6 +29,7 @@ the interpreter and the non-16-bit dtypes (tests) use one tile each. A tile can 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ehm_fast.nn._graph import memory_format_of
+
 ACTIVATIONS = ("linear", "relu", "lrelu")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import, so fixed here too
 SPLIT_TARGET_WAVES = 2  # split-K until the weight gradient's programs fill the SMs about twice
 MIN_SPLIT_ROWS = 4  # each split reduces at least this many BLOCK_K row blocks
 
@@ -54,7 +58,7 @@ class Tile:
 
 # bf16/fp16 candidates on sm_90 (BLOCK_K 64 = one 128-byte bf16 channel slice per row)
 GPU_TILES = (Tile(128, 128, 64, 8, 3), Tile(128, 64, 64, 4, 4), Tile(64, 128, 64, 4, 4), Tile(128, 256, 64, 8, 3))
-WIDE_TILE = Tile(64, 64, 32, 4, 2)  # fp32 / fp64 (tests): fits shared memory at 4 and 8 bytes
+WIDE_TILE = Tile(64, 64, 32, 8, 2)  # fp32 / fp64 (tests): fits shared memory at 4 and 8 bytes
 INTERPRETER_TILE = Tile(32, 32, 16, 1, 1)  # tl.dot's smallest sizes; few programs for the interpreter
 
 
@@ -248,7 +252,7 @@ def _dot_args(t: torch.Tensor) -> dict:
     if t.dtype == torch.float64:
         return dict(ACC=tl.float64, PRECISION="ieee", UPCAST=False)
     wide = t.dtype == torch.float32
-    return dict(ACC=tl.float32, PRECISION="ieee" if wide else "tf32", UPCAST=not wide and t.device.type != "cuda")
+    return dict(ACC=tl.float32, PRECISION="ieee" if wide else "tf32", UPCAST=not wide and INTERPRETED)
 
 
 def _candidates(t: torch.Tensor) -> tuple[Tile, ...]:
@@ -312,15 +316,9 @@ def _check(x: torch.Tensor, w: torch.Tensor, channels: int, bias: torch.Tensor |
         raise ValueError(f"bias of shape {tuple(bias.shape)} does not match {out_channels} output channels")
 
 
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x has its strides (and is not also contiguous), else contiguous: the
-    format of the kernels' outputs."""
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def _like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    """An output in x's memory format (the custom ops' fake implementations say the same)."""
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def _stat_buffers(tiles: int, channels: int, like: torch.Tensor, stats: bool) -> tuple[torch.Tensor, ...]:

@@ -225,6 +225,44 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
     for x in bn_x:
         for act, affine in ((0, True), (1, True), (2, True), (2, False)):
             jobs.append(bn_job(x, act, affine))
+
+    # the MALA step of AIS (ehm_fast.sampling): a chain's first, middle and last step; D = 1, one
+    # block, several blocks (a 64x64 RGB image) at 256 chains
+    from ehm_fast.kernels.sampling import mala_step
+
+    def mala_job(m, d, dt):
+        a, v = torch.empty(m, d, dtype=dt), torch.empty(m, dtype=dt)
+
+        def run():
+            for pending, noise in ((False, a), (True, a), (True, None)):
+                p = (a, a, a, v, v, v) if pending else (None,) * 6
+                mala_step(a, a, a, v, v, v, v, v, *p, noise, 0.25, 0.5, 0.1, 0.57)
+        return f"mala_step {dt} {m}x{d}", run
+
+    mala_sizes = [(256, 3 * 64 * 64), (64, 100), (3, 1)] if not quick else [(4, 3000), (3, 1)]
+    jobs += [mala_job(m, d, dt) for m, d in mala_sizes for dt in (torch.float32, torch.float64)]
+
+    # convolution (4x4/2/1, channels_last): each GPU tile on the DCGAN layers at batch 256 (bf16),
+    # the layer path's plain calls and every epilogue; fp32/fp64 (tests) with their one tile
+    from ehm_fast.kernels.conv import GPU_TILES, WIDE_TILE
+
+    def conv_job(n, c, o, size, dt, tile):
+        x = torch.empty(n, size, size, c, dtype=dt).permute(0, 3, 1, 2)
+        w = torch.empty(o, 4, 4, c, dtype=dt).permute(0, 3, 1, 2)
+        y = torch.empty(n, size // 2, size // 2, o, dtype=dt).permute(0, 3, 1, 2)
+        b = torch.empty(o, dtype=dt)
+
+        def run():
+            for bias, act, stats in ((None, "linear", False), (b, "lrelu", True)):
+                K.conv_fwd(x, w, bias, 2, 1, act, 0.2, stats, tile=tile)
+                K.conv_dgrad(x, w.transpose(0, 1), bias, 2, 1, (2 * size, 2 * size), act, 0.2, stats, tile=tile)
+            for split in (1, 8):
+                K.conv_wgrad(y, x, w, 2, 1, tile=tile, split=split)
+        return f"conv {dt} {n}x{c}x{size}x{size} -> {o} {tile}", run
+
+    conv_layers = [(256, 64, 128, 32), (256, 128, 256, 16), (256, 256, 512, 8)] if not quick else [(256, 64, 128, 32)]
+    jobs += [conv_job(*layer, torch.bfloat16, t) for layer in conv_layers for t in GPU_TILES]
+    jobs += [conv_job(4, 3, 16, 8, dt, WIDE_TILE) for dt in (torch.float32, torch.float64)]
     return jobs
 
 

@@ -27,12 +27,15 @@ LRELU_SLOPE = 0.2  # DCGAN's
 @dataclass
 class LayerOptions:
     """What the layers of one set of models run: levers (see options.LEVERS), the kernel backend of
-    the fused ops, the image layers' form, the weight cache (only while the step engine holds it
-    fresh) and the process group of synchronised batch norm."""
+    the fused ops, the image layers' form, the convolutions' kernels (options.CONV_KERNELS: "triton"
+    runs them in ehm_fast.nn.conv's chain with ehm_fast.kernels.conv, with or without the conv
+    lever), the weight cache (only while the step engine holds it fresh) and the process group of
+    synchronised batch norm."""
 
     levers: frozenset[str] = field(default_factory=lambda: frozenset(LEVERS))
     backend: str | None = None
     image_layers: str = "cudnn"
+    conv_kernel: str = "cudnn"
     cache: WeightCache | None = None
     process_group: Any = None
 
@@ -70,9 +73,14 @@ def _operands(x: Tensor, weight: Tensor, bias: Tensor | None, opts: LayerOptions
     return x.to(dtype), cast(weight, dtype, opts), cast(bias, dtype, opts)
 
 
+def _zero_free(opts: LayerOptions) -> bool:
+    """Whether convolutions run through ehm_fast.nn.conv (the conv lever, or its Triton kernels)."""
+    return "conv" in opts.levers or opts.conv_kernel != "cudnn"
+
+
 def _explicit(opts: LayerOptions) -> bool:
     """Whether a convolution casts its operands itself (else autocast casts them at every use)."""
-    return bool({"conv", "weight_cache"} & opts.levers)
+    return "weight_cache" in opts.levers or _zero_free(opts)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, opts: LayerOptions,
@@ -83,8 +91,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding:
     if not _explicit(opts):
         return F.conv2d(x, weight, bias, stride, padding)
     x, weight, bias = _operands(x, weight, bias, opts)
-    if "conv" in opts.levers:
-        return zero_free.conv2d(x, weight, bias, stride, padding)
+    if _zero_free(opts):
+        return zero_free.conv2d(x, weight, bias, stride, padding, kernel=opts.conv_kernel)
     return F.conv2d(x, weight, bias, stride, padding)
 
 
@@ -96,8 +104,8 @@ def conv_transpose2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int
     if not _explicit(opts):
         return F.conv_transpose2d(x, weight, bias, stride, padding)
     x, weight, bias = _operands(x, weight, bias, opts)
-    if "conv" in opts.levers:
-        return zero_free.conv_transpose2d(x, weight, bias, stride, padding)
+    if _zero_free(opts):
+        return zero_free.conv_transpose2d(x, weight, bias, stride, padding, kernel=opts.conv_kernel)
     return F.conv_transpose2d(x, weight, bias, stride, padding)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 IMAGE_LAYERS = ("cudnn", "matmul")
+# the kernels of ehm_fast.nn.conv's convolutions (LayerOptions.conv_kernel). Not a lever: "all"
+# must not switch to Triton before a GPU measurement shows it faster than cuDNN
+CONV_KERNELS = ("cudnn", "triton")
 LEVERS = ("conv", "bn_act", "bias_act", "weight_cache", "merge")
 LEVER_HELP = {
     "conv": "convolutions whose backward never recomputes through the saved input (no zero path in the "
