@@ -1,4 +1,4 @@
-"""The EHM losses as differentiable ops (see ../shared/EHM_MATH.md for the formulas).
+"""The EHM losses as differentiable ops (see docs/math.md for the formulas).
 
 Every op takes `backend=` ("auto", "cuda", "triton", "cpu", "torch"; see `ehm_fast.set_backend`)
 and checks its arguments, raising a ValueError/TypeError that names the argument at fault.

@@ -1,4 +1,4 @@
-"""Variance-reduced optimizers for the generator's gradient (EHM_MATH.md, "Variance reduction").
+"""Variance-reduced optimizers for the generator's gradient (docs/math.md, "Optimisers").
 
 SVRG and STORM feed a control-variate direction v = (g - alpha g_ref) + alpha anchor to a base
 rule (Adam, AdamW or SGD with torch.optim's exact semantics) through one fused multi-tensor
