@@ -114,5 +114,6 @@ def mala_step(x: torch.Tensor, gf: torch.Tensor, glp: torch.Tensor, f: torch.Ten
         xp if accept else x, gfp if accept else gf, glpp if accept else glp, fp if accept else f,
         lpp if accept else lp, log_u if accept else f, noise if propose else x, out if propose else x,
         d, b, b_next, gain, target, ACCEPT=accept, PROPOSE=propose, ACC=_acc(x.dtype), BLOCK=block,
+        num_warps=8 if block >= MAX_BLOCK else 4,  # 8 elements per thread per array: no spills in fp64
     )
     return out
