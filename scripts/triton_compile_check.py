@@ -242,22 +242,6 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
     mala_sizes = [(256, 3 * 64 * 64), (64, 100), (3, 1)] if not quick else [(4, 3000), (3, 1)]
     jobs += [mala_job(m, d, dt) for m, d in mala_sizes for dt in (torch.float32, torch.float64)]
 
-    # the MALA step of AIS (ehm_fast.sampling): a chain's first, middle and last step; D = 1, one
-    # block, several blocks (a 64x64 RGB image) at 256 chains
-    from ehm_fast.kernels.sampling import mala_step
-
-    def mala_job(m, d, dt):
-        a, v = torch.empty(m, d, dtype=dt), torch.empty(m, dtype=dt)
-
-        def run():
-            for pending, noise in ((False, a), (True, a), (True, None)):
-                p = (a, a, a, v, v, v) if pending else (None,) * 6
-                mala_step(a, a, a, v, v, v, v, v, *p, noise, 0.25, 0.5, 0.1, 0.57)
-        return f"mala_step {dt} {m}x{d}", run
-
-    mala_sizes = [(256, 3 * 64 * 64), (64, 100), (3, 1)] if not quick else [(4, 3000), (3, 1)]
-    jobs += [mala_job(m, d, dt) for m, d in mala_sizes for dt in (torch.float32, torch.float64)]
-
     # convolution (4x4/2/1, channels_last): each GPU tile on the DCGAN layers at batch 256 (bf16),
     # the layer path's plain calls and every epilogue; fp32/fp64 (tests) with their one tile
     from ehm_fast.kernels.conv import GPU_TILES, WIDE_TILE
