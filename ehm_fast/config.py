@@ -20,7 +20,7 @@ from typing import Any
 from .nn.options import IMAGE_LAYERS, LEVER_HELP, levers_for
 
 OBJECTIVES = ("ehm", "svae", "vae", "wgan-gp")
-ESTIMATORS = ("importance", "jensen")
+ESTIMATORS = ("importance", "jensen", "ais")
 SCHEDULES = ("constant", "wgan")
 LIPSCHITZ = ("gp", "clip", "none")
 SLEEP_LATENT = ("nll", "kl")
@@ -43,7 +43,11 @@ class EHMConfig:
     objective: str = opt("ehm", "what the encoder/decoder minimise: ehm (wake + sleep cross-entropies), svae "
                          "(symmetric VAE), vae (ELBO, no critic), wgan-gp (decoder trained by the critic alone)", OBJECTIVES)
     estimator: str = opt("jensen", "critic's log-partition estimate: importance (logsumexp of f(x~) - log p(x~|z), "
-                         "x~ sampled with the decoder noise) or jensen (its lower bound, WGAN's mean f(x~))", ESTIMATORS)
+                         "x~ sampled with the decoder noise), jensen (its lower bound, WGAN's mean f(x~)), or ais "
+                         "(annealed importance sampling from p(x|z) to exp(f) with MALA moves: docs/sampling.md)",
+                         ESTIMATORS)
+    ais_steps: int = opt(4, "ais: annealing steps K (one MALA move and one critic evaluation each)")
+    ais_step_size: float = opt(0.1, "ais: MALA step size as a fraction of the decoder's variance s^2")
     n_critic: int = opt(2, "critic steps per generator step (the WGAN-GP paper uses 5)")
     critic_schedule: str = opt("constant", "constant n_critic, or wgan: 100 critic steps for the first 25 generator "
                                "steps and every 500th", SCHEDULES)
@@ -185,13 +189,16 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str) -> 
 def validate(config: TrainConfig) -> TrainConfig:
     positive = ("n_critic", "batch_size", "z_dim", "width", "critic_width", "log_every", "sample_every", "ckpt_every",
                 "n_samples", "vamp_components", "max_bad_steps",
-                "snapshot_every", "snapshot_batches")
+                "snapshot_every", "snapshot_batches", "ais_steps")
     for name in positive:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.steps < 0:
         raise ConfigError(f"steps must be >= 0, got {config.steps}")
-    for name in ("lr", "lr_critic", "gp_weight", "clip_value", "gp_eps", "sleep_code_noise"):
+    if config.estimator == "ais" and config.likelihood == "bernoulli" and config.objective != "wgan-gp":
+        raise ConfigError("estimator ais moves x~ by Langevin steps, which needs a continuous likelihood: use "
+                          "gaussian or laplace, or another estimator")
+    for name in ("lr", "lr_critic", "gp_weight", "clip_value", "gp_eps", "sleep_code_noise", "ais_step_size"):
         if not getattr(config, name) > 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
     try:

@@ -36,13 +36,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import losses
-from .config import EHMConfig
+from .config import ConfigError, EHMConfig
 from .engine import IterationGraphs, LossClosure, Metrics, StepEngine, make_optimizer, wrap_phase
 from .likelihood import sample_image
 from .models import EHMModels
 from .nn.layers import profile_range
 from .nn.options import levers_for
 from .nn.weights import WeightCache
+from .optim.replay import preserved_buffers
+from .sampling import AISResult, ais_log_partition
 
 
 class EHM:
@@ -78,6 +80,8 @@ class EHM:
         cached = self.amp and cfg.optimizer == "adam" and "weight_cache" in layers.levers
         self.weight_cache = WeightCache(models.conv_parameters()) if cached else None
         self.estimator = "jensen" if cfg.objective == "wgan-gp" else cfg.estimator
+        if self.estimator == "ais" and cfg.likelihood == "bernoulli":
+            raise ConfigError("estimator ais moves x~ by Langevin steps, which needs a continuous likelihood")
         if self.estimator == "importance" and not cfg.sleep_noise and cfg.objective in ("ehm", "svae"):
             warnings.warn("estimator=importance trains the critic on sampled images x~ ~ p(x|z) while the sleep "
                           "phase scores the decoder's mean images (sleep_noise off): turn sleep_noise on so both "
@@ -236,18 +240,24 @@ class EHM:
         """The critic loss on batch `x`, with its fakes and noise drawn now (before the closure)."""
         m, cfg = self.models, self.cfg
         b = x.shape[0]
-        noisy = self.estimator == "importance" or (cfg.objective != "wgan-gp" and cfg.sleep_noise)
+        noisy = self.estimator in ("importance", "ais") or (cfg.objective != "wgan-gp" and cfg.sleep_noise)
         with torch.no_grad(), self._autocast():
             z = self._sample_prior(b)
             out = m.decoder.output(z)
             fake, log_p = self._sample_x(out, self._draw_noise(out) if noisy else None)
+        ais = self._anneal(fake, out) if self.estimator == "ais" else None
+        if ais is not None:
+            fake = ais.x  # the chains' final samples, drawn at the current critic (detached)
         fake = fake.to(x.dtype).contiguous(memory_format=self.memory_format)
         e = self._draw("rand", (b, 1, 1, 1), dtype=x.dtype)
 
         def closure() -> tuple[Tensor, Metrics]:
             with self._autocast(), profile_range("critic_loss"):
                 f_real, f_fake = m.critic(torch.cat([x, fake])).float().split(b)
-            loss = self._critic_loss(f_real, f_fake, log_p)
+            if ais is None:
+                loss = self._critic_loss(f_real, f_fake, log_p)
+            else:  # log Z_hat, with the gradient sum_i w_i grad f(x_i) at the final samples
+                loss = -f_real.mean() + ais.surrogate(f_fake)
             out = {"critic_loss": loss.detach(), "critic_gap": (f_real.mean() - f_fake.mean()).detach()}
             total = loss
             if cfg.lipschitz == "gp":
@@ -256,9 +266,45 @@ class EHM:
                 total = total + gp
             if self.estimator == "importance":
                 out["ess"] = losses.importance_weights(f_fake.detach(), log_p)[1]
+            elif ais is not None:
+                out["ess"], out["ais_acceptance"] = ais.weights()[1], ais.acceptance.mean()
             return total, out
 
         return closure
+
+    def _anneal(self, x0: Tensor, out: Tensor) -> AISResult:
+        """AIS chains from x0 ~ p(x|z) (z fixed, decoder output `out`) to exp(f), detached:
+        log_proposal = log p(x|z), MALA steps of ais_step_size * s^2."""
+        cfg, dec = self.cfg, self.models.decoder
+        out = out.detach().float()
+        log_scale = dec.log_scale.detach().float()
+        nll = losses.gaussian_nll if cfg.likelihood == "gaussian" else losses.laplace_nll
+
+        def f(x: Tensor) -> Tensor:
+            with self._autocast():
+                return self.models.critic(x.contiguous(memory_format=self.memory_format)).float()
+
+        def log_proposal(x: Tensor) -> Tensor:
+            return -nll(x, out, log_scale, backend=cfg.backend)
+
+        step = cfg.ais_step_size * torch.exp(2 * log_scale).mean()
+        with profile_range("ais"), self._frozen(self.models.critic):
+            return ais_log_partition(f, log_proposal, x0.float(), n_steps=cfg.ais_steps, step_size=step,
+                                     backend=cfg.backend)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _frozen(module: nn.Module) -> Iterator[None]:
+        """The chain differentiates f in x only: no parameter gradients recorded, buffers kept."""
+        flags = [(p, p.requires_grad) for p in module.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            with preserved_buffers([module]):
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def _gradient_penalty(self, x: Tensor, fake: Tensor, e: Tensor) -> Tensor:
         x_hat = (e * x + (1 - e) * fake).requires_grad_(True)

@@ -138,3 +138,25 @@ def test_critic_loss_is_the_cross_entropy_plus_the_penalty(estimator):
     expected = -f_real.mean() + log_z + 7.0 * gp
     close(loss.detach(), expected.detach())
     close(metrics["gp"], 7.0 * gp.detach())
+
+
+def test_ais_critic_loss_is_log_z_hat_with_the_weighted_gradient():
+    """estimator=ais: the loss is -mean f(x) + log Z_hat of the chains, and its gradient is
+    -mean grad f(x) + sum_i w_i grad f(x_i) at the chains' final samples (self-normalised w)."""
+    _, ehm, x = setup("ehm", "gaussian", estimator="ais", sleep_noise=True, lipschitz="none", ais_steps=3)
+    captured, anneal = {}, ehm._anneal
+    ehm._anneal = lambda *args: captured.setdefault("chains", anneal(*args))
+    critic = ehm.models.critic
+    loss, metrics = ehm._critic_closure(x)()
+    chains = captured["chains"]
+    params = [p for p in critic.parameters()]
+    got = torch.autograd.grad(loss, params)
+    w = torch.softmax(chains.log_weights, 0)
+    expected = -critic(x).mean() + (w.detach() * critic(chains.x)).sum()
+    want = torch.autograd.grad(expected, params)
+    torch.testing.assert_close(loss.detach(), -critic(x).mean().detach() + chains.log_z, rtol=1e-5, atol=1e-4)
+    # the weights come from float32 log-weights near -1e3, whose rounding (~6e-5 there) moves their
+    # sum from 1 by ~1e-5: the bias gradient -1 + sum w is that small, not zero
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert 0 < float(metrics["ais_acceptance"]) <= 1 and 1 <= float(metrics["ess"]) <= len(x)
