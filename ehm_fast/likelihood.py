@@ -28,9 +28,10 @@ from ._checks import (
 )
 from .ops import likelihood as _lk
 from .ops import vamp as _vp
+from .ops.contract import BERNOULLI, GAUSSIAN, KL_PAIR, KL_STD, LAPLACE, LATENT, STD_NORMAL, acc_dtype
 
 LIKELIHOODS = ("gaussian", "laplace", "bernoulli")
-_IMAGE_KIND = {"gaussian": _lk.GAUSSIAN, "laplace": _lk.LAPLACE, "bernoulli": _lk.BERNOULLI}
+_IMAGE_KIND = {"gaussian": GAUSSIAN, "laplace": LAPLACE, "bernoulli": BERNOULLI}
 
 
 def _pair(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
@@ -67,7 +68,7 @@ def _rows(dtype: torch.dtype, x: Tensor, *others: Tensor) -> tuple[list[Tensor],
 
 def _check_image(x: Tensor, mean_name: str, mean: Tensor, log_scale: Tensor | float | None, kind: int) -> Tensor | None:
     _pair("x", x, mean_name, mean)
-    if kind == _lk.BERNOULLI:
+    if kind == BERNOULLI:
         return None
     ls = image_scale(log_scale, x)
     check_same_device(x=x, log_scale=ls)
@@ -81,7 +82,7 @@ def _image_rows(x: Tensor, mean: Tensor, ls: Tensor | None, dtype: torch.dtype) 
     if ls is None:
         return xr, mr, None
     scale = ls.expand(x.shape[1:]).permute(*(i - 1 for i in order)).reshape(-1)
-    return xr, mr, scale.to(_vp.acc_dtype(dtype)).contiguous()
+    return xr, mr, scale.to(acc_dtype(dtype)).contiguous()
 
 
 def _image_nll(kind: int, x: Tensor, mean: Tensor, ls: Tensor | None, reduction: str, impl: str) -> Tensor:
@@ -94,38 +95,38 @@ def gaussian_nll(
     x: Tensor, mean: Tensor, log_scale: Tensor | float, *, reduction: str = "none", backend: str | None = None
 ) -> Tensor:
     """-log N(x; mean, exp(log_scale)^2) per sample; log_scale a scalar, [C,1,1] or [C,H,W]."""
-    ls = _check_image(x, "mean", mean, log_scale, _lk.GAUSSIAN)
+    ls = _check_image(x, "mean", mean, log_scale, GAUSSIAN)
     check_reduction(reduction)
     impl = _impl(backend, x)
     if impl == "torch":
         return reference.gaussian_nll(x, mean, ls, reduction)
-    return _image_nll(_lk.GAUSSIAN, x, mean, ls, reduction, impl)
+    return _image_nll(GAUSSIAN, x, mean, ls, reduction, impl)
 
 
 def laplace_nll(
     x: Tensor, loc: Tensor, log_scale: Tensor | float, *, reduction: str = "none", backend: str | None = None
 ) -> Tensor:
     """-log Laplace(x; loc, exp(log_scale)) per sample."""
-    ls = _check_image(x, "loc", loc, log_scale, _lk.LAPLACE)
+    ls = _check_image(x, "loc", loc, log_scale, LAPLACE)
     check_reduction(reduction)
     impl = _impl(backend, x)
     if impl == "torch":
         return reference.laplace_nll(x, loc, ls, reduction)
-    return _image_nll(_lk.LAPLACE, x, loc, ls, reduction, impl)
+    return _image_nll(LAPLACE, x, loc, ls, reduction, impl)
 
 
 def bernoulli_nll(
     x: Tensor, logits: Tensor, *, reduction: str = "none", check_targets: bool = False, backend: str | None = None
 ) -> Tensor:
     """-log Bernoulli(x; sigmoid(logits)) per sample, x in [0, 1] (checked when check_targets=True)."""
-    _check_image(x, "logits", logits, None, _lk.BERNOULLI)
+    _check_image(x, "logits", logits, None, BERNOULLI)
     check_reduction(reduction)
     if check_targets and bool(((x < 0) | (x > 1)).any()):
         raise ValueError("x must lie in [0, 1] for the Bernoulli likelihood")
     impl = _impl(backend, x)
     if impl == "torch":
         return reference.bernoulli_nll(x, logits, reduction)
-    return _image_nll(_lk.BERNOULLI, x, logits, None, reduction, impl)
+    return _image_nll(BERNOULLI, x, logits, None, reduction, impl)
 
 
 def _code_nll(kind: int, operands: tuple[Tensor | None, ...], base: Tensor | None, reduction: str, impl: str) -> Tensor:
@@ -134,7 +135,7 @@ def _code_nll(kind: int, operands: tuple[Tensor | None, ...], base: Tensor | Non
     dtype = _dtype(*present, base)
     rows = iter(_rows(dtype, *present)[0])
     a, b, c, e = (None if t is None else next(rows) for t in operands)
-    acc_base = None if base is None else base.reshape(-1).to(_vp.acc_dtype(dtype))
+    acc_base = None if base is None else base.reshape(-1).to(acc_dtype(dtype))
     return reduce(_lk.code_nll(a, b, c, e, acc_base, kind, impl), reduction)
 
 
@@ -146,7 +147,7 @@ def latent_nll(z: Tensor, mu: Tensor, logvar: Tensor, *, reduction: str = "none"
     impl = _impl(backend, z)
     if impl == "torch":
         return reference.latent_nll(z, mu, logvar, reduction)
-    return _code_nll(_lk.LATENT, (z, mu, logvar, None), None, reduction, impl)
+    return _code_nll(LATENT, (z, mu, logvar, None), None, reduction, impl)
 
 
 def _check_codes(z: Tensor) -> None:
@@ -161,7 +162,7 @@ def std_normal_nll(z: Tensor, *, reduction: str = "none", backend: str | None = 
     impl = _impl(backend, z)
     if impl == "torch":
         return reference.std_normal_nll(z, reduction)
-    return _code_nll(_lk.STD_NORMAL, (z, None, None, None), None, reduction, impl)
+    return _code_nll(STD_NORMAL, (z, None, None, None), None, reduction, impl)
 
 
 def kl_normal(
@@ -184,7 +185,7 @@ def kl_normal(
     impl = _impl(backend, mu)
     if impl == "torch":
         return reference.kl_normal(mu, logvar, mu2, logvar2, reduction)
-    kind = _lk.KL_STD if mu2 is None else _lk.KL_PAIR
+    kind = KL_STD if mu2 is None else KL_PAIR
     return _code_nll(kind, (mu, logvar, mu2, logvar2), None, reduction, impl)
 
 
@@ -278,7 +279,7 @@ def sleep_loss(
     impl = _impl(backend, z)
     if impl == "torch":
         return reference.sleep_loss(z, mu, logvar, critic_scores, reduction)
-    return _code_nll(_lk.LATENT, (z, mu, logvar, None), -critic_scores, reduction, impl)
+    return _code_nll(LATENT, (z, mu, logvar, None), -critic_scores, reduction, impl)
 
 
 _HALF_OPEN = 0.5 - 2.0**-25  # the largest float32 below 0.5: |u| of a Laplace draw stays under 1/2
