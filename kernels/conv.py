@@ -76,17 +76,29 @@ def _act(v, SLOPE: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + a @ b. UPCAST (the interpreter): triton 3.8's interpreter multiplies bf16 as its raw
-    uint16 bits, so 16-bit tiles go to fp32 first (exact products, as the tensor cores form them)."""
-    if UPCAST:
+def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr):
+    """acc + a @ b. The interpreter (triton 3.8) multiplies bf16 as its raw uint16 bits: there
+    16-bit tiles go to fp32 first (exact products, as the tensor cores form them)."""
+    if INTERPRETER and a.dtype.primitive_bitwidth == 16:
         a, b = a.to(tl.float32), b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
+def _rounded(v, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """v in `dtype`, rounded to nearest even. The interpreter's fp32 -> bf16 cast does not round
+    to nearest (up to one ulp off): there the rounding is done on the bits."""
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
 def _epilogue(acc, pix_ptr, rmask, cols, cmask, B, PSUM, PM2, PCNT, tile_id, n_cols, s_c,
-              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, STATS: tl.constexpr):
+              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, STATS: tl.constexpr,
+              INTERPRETER: tl.constexpr):
     """+ bias, activation, the tile's statistics partials, and the store of the [pixels, channels]
     tile (pix_ptr: each row's pixel address)."""
     if HAS_BIAS:
@@ -100,7 +112,7 @@ def _epilogue(acc, pix_ptr, rmask, cols, cmask, B, PSUM, PM2, PCNT, tile_id, n_c
         tl.store(PSUM + tile_id * n_cols + cols, total, mask=cmask)
         tl.store(PM2 + tile_id * n_cols + cols, tl.sum(dev * dev, axis=0), mask=cmask)
         tl.store(PCNT + tile_id, count)  # every channel block writes the same count
-    tl.store(pix_ptr[:, None] + cols[None, :] * s_c, acc.to(pix_ptr.dtype.element_ty), mask=mask)
+    tl.store(pix_ptr[:, None] + cols[None, :] * s_c, _rounded(acc, pix_ptr.dtype.element_ty, INTERPRETER), mask=mask)
 
 
 # ---------------------------------------------------------------- forward: implicit GEMM
@@ -112,7 +124,7 @@ def _conv_fwd_kernel(X, Wt, B, Y, PSUM, PM2, PCNT,
                      sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw,
                      STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, STATS: tl.constexpr,
-                     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                     ACC: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     num_n = tl.cdiv(O, BLOCK_N)
@@ -139,9 +151,10 @@ def _conv_fwd_kernel(X, Wt, B, Y, PSUM, PM2, PCNT,
                     mask=valid[:, None] & (c < C)[None, :], other=0.0)
         b = tl.load(Wt + kh * swh + kw * sww + c[:, None] * swc + cols[None, :] * swo,
                     mask=(c < C)[:, None] & cmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        acc = _dot(a, b, acc, PRECISION, INTERPRETER)
     pix = Y + n.to(tl.int64) * syn + oh * syh + ow * syw
-    _epilogue(acc, pix, rmask, cols, cmask, B, PSUM, PM2, PCNT, pid_m, O, syc, HAS_BIAS, ACT, SLOPE, STATS)
+    _epilogue(acc, pix, rmask, cols, cmask, B, PSUM, PM2, PCNT, pid_m, O, syc, HAS_BIAS, ACT, SLOPE, STATS,
+              INTERPRETER)
 
 
 # ---------------------------------------------------------------- input gradient: stride^2 phase GEMMs
@@ -153,7 +166,7 @@ def _conv_dgrad_kernel(DY, Wt, B, DX, PSUM, PM2, PCNT,
                        sdn, sdc, sdh, sdw, swo, swc, swh, sww, sxn, sxc, sxh, sxw,
                        STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr,
                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, STATS: tl.constexpr,
-                       ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dx [N, C, H, W] from dy [N, O, OH, OW]: program axis 1 is the phase (ph, pw), the residues
     of (ih + PAD, iw + PAD) mod STRIDE; its pixels ih = ih0 + STRIDE*qh take the taps kh = ph +
@@ -193,10 +206,10 @@ def _conv_dgrad_kernel(DY, Wt, B, DX, PSUM, PM2, PCNT,
                     mask=valid[:, None] & (o < O)[None, :], other=0.0)
         b = tl.load(Wt + (ph + STRIDE * th) * swh + (pw + STRIDE * tw) * sww + o[:, None] * swo + cols[None, :] * swc,
                     mask=(o < O)[:, None] & cmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        acc = _dot(a, b, acc, PRECISION, INTERPRETER)
     pix = DX + n.to(tl.int64) * sxn + (ih0 + STRIDE * qh) * sxh + (iw0 + STRIDE * qw) * sxw
     _epilogue(acc, pix, rmask, cols, cmask, B, PSUM, PM2, PCNT, phase * tiles_per_phase + pid_m, C, sxc,
-              HAS_BIAS, ACT, SLOPE, STATS)
+              HAS_BIAS, ACT, SLOPE, STATS, INTERPRETER)
 
 
 # ---------------------------------------------------------------- weight gradient: split-K GEMM
@@ -206,7 +219,7 @@ def _conv_dgrad_kernel(DY, Wt, B, DX, PSUM, PM2, PCNT,
 def _conv_wgrad_kernel(X, DY, DW, H, W, C, OH, OW, O, R, rows_per_split,
                        sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, s_split, s_o, s_c, s_kh, s_kw,
                        STRIDE: tl.constexpr, PAD: tl.constexpr, KSIZE: tl.constexpr,
-                       ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr, INTERPRETER: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[o, c, kh, kw] (one partial per program_id(1) when split) over rows_per_split of the
     R = N*OH*OW output pixels. A column tile is one tap and a channel block: x loads are
@@ -238,21 +251,21 @@ def _conv_wgrad_kernel(X, DY, DW, H, W, C, OH, OW, O, R, rows_per_split,
                     mask=rmask[None, :] & omask[:, None], other=0.0)
         b = tl.load((X + n64 * sxn + ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc,
                     mask=valid[:, None] & cmask[None, :], other=0.0)
-        acc = _dot(a, b, acc, PRECISION, UPCAST)
+        acc = _dot(a, b, acc, PRECISION, INTERPRETER)
     ptr = DW + split * s_split + kh * s_kh + kw * s_kw + o[:, None] * s_o + c[None, :] * s_c
-    tl.store(ptr, acc.to(DW.dtype.element_ty), mask=omask[:, None] & cmask[None, :])
+    tl.store(ptr, _rounded(acc, DW.dtype.element_ty, INTERPRETER), mask=omask[:, None] & cmask[None, :])
 
 
 # ---------------------------------------------------------------- tile choice
 
 
 def _dot_args(t: torch.Tensor) -> dict:
-    """ACC, PRECISION, UPCAST of a kernel on t's dtype: fp32 inputs must not run as tf32, fp64
-    accumulates in fp64; 16-bit tiles are upcast under the interpreter (see _dot)."""
+    """ACC, PRECISION, INTERPRETER of a kernel on t's dtype: fp32 inputs must not run as tf32,
+    fp64 accumulates in fp64; INTERPRETER selects the interpreter's workarounds (_dot, _rounded)."""
     if t.dtype == torch.float64:
-        return dict(ACC=tl.float64, PRECISION="ieee", UPCAST=False)
+        return dict(ACC=tl.float64, PRECISION="ieee", INTERPRETER=INTERPRETED)
     wide = t.dtype == torch.float32
-    return dict(ACC=tl.float32, PRECISION="ieee" if wide else "tf32", UPCAST=not wide and INTERPRETED)
+    return dict(ACC=tl.float32, PRECISION="ieee" if wide else "tf32", INTERPRETER=INTERPRETED)
 
 
 def _candidates(t: torch.Tensor) -> tuple[Tile, ...]:

@@ -104,8 +104,8 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
 
 def _with_stats(result: tuple, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     y, mean, m2 = result
-    if mean is None:  # a custom op returns tensors only
-        mean = m2 = like.new_empty(0, dtype=_acc_dtype(like))
+    if mean is None:  # a custom op returns tensors only, and none aliasing another
+        mean, m2 = (like.new_empty(0, dtype=_acc_dtype(like)) for _ in range(2))
     return y, mean, m2
 
 
@@ -179,7 +179,10 @@ class _Conv(torch.autograd.Function):
         if need_x:
             gx = conv(gy, w, None, ctx.g.adjoint(x.shape[-2:], gy.shape[-2:], w.shape[-1]))
         if need_w:
-            gw = _WeightGrad.apply(trackable(gy), trackable(x), w.detach(), ctx.g)
+            # torch.compile traces no autograd nodes (gradient_nodes is None there) and cannot read
+            # the grad_fn that trackable inspects: the views are only for the eager engine
+            eager = not torch.compiler.is_compiling()
+            gw = _WeightGrad.apply(trackable(gy) if eager else gy, trackable(x) if eager else x, w.detach(), ctx.g)
         if need_b:
             gb = gy.sum((0, 2, 3))
         return gx, gw, gb, None
