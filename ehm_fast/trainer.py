@@ -214,7 +214,8 @@ class Run:
         finally:
             m.train()
         save_grid(samples, self.run_dir / f"samples_{tag}.png", nrow=int(math.sqrt(samples.shape[0])) or 1)
-        save_reconstructions(self.fixed_real, recons, self.run_dir / f"reconstructions_{tag}.png", nrow=8)
+        save_reconstructions(self.fixed_real, recons, self.run_dir / f"reconstructions_{tag}.png", nrow=8,
+                             labels=("input", "reconstruction"))
         if self.writer is not None:
             from .plots import grid_array
 
@@ -355,7 +356,7 @@ class Run:
             written.append("samples_final.png, reconstructions_final.png")
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():
-            save_loss_plot(read_metrics(metrics), self.run_dir / "loss.png")
+            save_loss_plot(read_metrics(metrics), self.run_dir / "loss.png", critic_weight=self.cfg.critic_weight)
             written.append("loss.png, metrics.jsonl")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         written.append("summary.json")

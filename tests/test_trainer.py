@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from ehm_fast import checkpoint as ckpt
-from ehm_fast import sample, train
+from ehm_fast import runs, sample, train
 from ehm_fast.config import TrainConfig
 from ehm_fast.ehm import EHM
 from ehm_fast.models import EHMModels
@@ -192,9 +192,14 @@ def test_default_style_run_leaves_grids_plot_metrics_and_checkpoint(tmp_path, ca
                  "metrics.jsonl", "summary.json", "checkpoint.pt"):
         assert (out / name).is_file(), name
     assert any((out / "tb").iterdir())
-    # 16 samples of 32 px: 4 per row, 2 px gaps; 8 inputs and their 8 reconstructions below.
+    # 16 samples of 32 px: 4 per row, 2 px gaps; 8 inputs and their 8 reconstructions below,
+    # each row named in a margin on the left.
     assert Image.open(out / "samples_final.png").size == (2 + 4 * 34, 2 + 4 * 34)
-    assert Image.open(out / "reconstructions_final.png").size == (2 + 8 * 34, 2 + 2 * 34)
+    recons = np.asarray(Image.open(out / "reconstructions_final.png"))
+    margin = recons.shape[1] - (2 + 8 * 34)
+    assert recons.shape[0] == 2 + 2 * 34 and margin > 20
+    for row in range(2):  # "input", then "reconstruction": text in the margin of each row
+        assert recons[2 + row * 34 : 2 + row * 34 + 32, :margin].max() > 128
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["images_per_s"] > 0 for r in records)
@@ -264,7 +269,8 @@ def test_ehm_sample_draws_samples_and_reconstructions(tmp_path, capsys):
     assert code == 0, err
     assert Image.open(grid).size == (2 + 3 * 34, 2 + 3 * 34)
     assert Image.open(tmp_path / "grid_recon.png").size == (2 + 3 * 34, 2 + 2 * 34)
-    decoder, cfg = train.load_generator(out)
+    assert (train.load_generator, train.load_models) == (runs.load_generator, runs.load_models)  # the old names
+    decoder, cfg = runs.load_generator(out)
     assert isinstance(cfg, TrainConfig) and decoder(torch.randn(5, cfg.z_dim)).shape == (5, 1, 32, 32)
     assert_one_line_error(*run_cli(sample.main, ["--checkpoint", str(tmp_path / "nope.pt")], capsys))
 
