@@ -1,4 +1,4 @@
-"""The EHM training step: critic phase, then the wake and sleep phases (EHM_MATH.md).
+"""The EHM training step: critic phase, then the wake and sleep phases (docs/math.md).
 
     from ehm_fast import EHM
     from ehm_fast.models import EHMModels

@@ -108,3 +108,19 @@ def test_no_undefined_names_in_code_that_only_runs_on_a_gpu():
     r = subprocess.run([ruff, "check", "--no-cache", "--select", "F821,F811,F841,F401", "--exclude", "build",
                         "benchmarks", "ehm_fast", "kernels", "scripts", "tests"], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_vr_study_quick(capsys, tmp_path):
+    from benchmarks import vr_study
+
+    assert vr_study.main(["--quick", "--work", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("| optimizer | step"):].split("\n\n")[0].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in table] == list(vr_study.OPTIMIZERS)
+    for row in table[1:]:  # svrg and storm: a variance with the control variate and its ratio
+        assert float(row.split("|")[5]) > 0, row
+    picture = vr_study.side_by_side({"adam": torch.rand(4, 1, 8, 8) * 2 - 1, "svrg": torch.zeros(4, 1, 8, 8)},
+                                    tmp_path / "grid.png")
+    from PIL import Image
+
+    assert Image.open(picture).size[1] == 2 * (8 + 4)  # two bands of one row each (2 px gaps)
