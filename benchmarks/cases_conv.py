@@ -79,7 +79,7 @@ def _cases_of(layer: tuple, batch: int, device: torch.device, dtype: torch.dtype
         return torch.ops.aten.convolution_backward(y, x, w, None, [STRIDE] * 2, [PAD] * 2, [1, 1], False, [0, 0], 1,
                                                    [which == 0, which == 1, False])[which]
 
-    dgrad = lambda x, w, y: kc.conv_dgrad(y, w, None, STRIDE, PAD, (size, size))  # noqa: E731
+    dgrad = lambda x, w, y: kc.conv_dgrad(y, w, None, STRIDE, PAD, (size, size))
     dgrad_mnk = (batch * size * size, c, o * K * K // 4)  # the four phases as one GEMM
     # (case name, triton call, torch call, the matmul's (M, N, K)); the decoder's transposed layer
     # maps y [B, o, out, out] to [B, c, size, size]: the input gradient's GEMM, called as

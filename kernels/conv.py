@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import triton
@@ -263,9 +263,9 @@ def _dot_args(t: torch.Tensor) -> dict:
     """ACC, PRECISION, INTERPRETER of a kernel on t's dtype: fp32 inputs must not run as tf32,
     fp64 accumulates in fp64; INTERPRETER selects the interpreter's workarounds (_dot, _rounded)."""
     if t.dtype == torch.float64:
-        return dict(ACC=tl.float64, PRECISION="ieee", INTERPRETER=INTERPRETED)
+        return {"ACC": tl.float64, "PRECISION": "ieee", "INTERPRETER": INTERPRETED}
     wide = t.dtype == torch.float32
-    return dict(ACC=tl.float32, PRECISION="ieee" if wide else "tf32", INTERPRETER=INTERPRETED)
+    return {"ACC": tl.float32, "PRECISION": "ieee" if wide else "tf32", "INTERPRETER": INTERPRETED}
 
 
 def _candidates(t: torch.Tensor) -> tuple[Tile, ...]:
@@ -295,7 +295,7 @@ def _tuned(key: tuple, like: torch.Tensor, run: Callable[[Tile], object], tile: 
         times = {}
         for t in tiles:
             try:
-                times[t] = do_bench(lambda: run(t), warmup=5, rep=20, return_mode="median")
+                times[t] = do_bench(lambda t=t: run(t), warmup=5, rep=20, return_mode="median")
             except OutOfResources:  # a tile that does not fit this GPU's shared memory
                 continue
         _TUNED[key] = min(times, key=times.get)
@@ -306,7 +306,7 @@ def _key(op: str, *tensors: torch.Tensor, extra: tuple = ()) -> tuple:
     return (op, tensors[0].device.index, tensors[0].dtype, *((tuple(t.shape), t.stride()) for t in tensors), *extra)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

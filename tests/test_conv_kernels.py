@@ -8,12 +8,11 @@ and the benchmark family's CPU smoke run. On the CPU the kernels run in the Trit
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import _skip_reason
+from helpers import poisoned_memory, rel_err
 
 from ehm_fast.nn import conv2d, conv_transpose2d
 from ehm_fast.nn.layers import LayerOptions
-
-from conftest import _skip_reason
-from helpers import poisoned_memory, rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 # (batch, in channels, out channels, input size, kernel, stride, padding): DCGAN's 4x4/2/1 at even
@@ -60,7 +59,7 @@ def test_every_kernel_matches_float64_torch(geometry, device):
     b, cin, cout, s, k, stride, pad = geometry
     K = _kernels()
     g = _seeded("float64")
-    f64 = dict(dtype=torch.float64, device=device)
+    f64 = {"dtype": torch.float64, "device": device}
     channels_last = cin != 3  # both layouts: the kernels take any strides
     x = _draw(g, (b, cin, s, s), **f64, channels_last=channels_last)
     w = _draw(g, (cout, cin, k, k), **f64, channels_last=False)
