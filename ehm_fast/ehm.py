@@ -74,7 +74,7 @@ class EHM:
         self.cuda_graph = graph_ok if cfg.cuda_graph is None else bool(cfg.cuda_graph) and graph_ok
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         models.to(memory_format=self.memory_format)
-        layers = models.configure_layers(levers=levers_for(cfg.layer_levers, self.device.type), backend=cfg.backend,
+        self.layers = layers = models.configure_layers(levers=levers_for(cfg.layer_levers, self.device.type), backend=cfg.backend,
                                          image_layers=cfg.image_layers)
         # SVRG/STORM evaluate at swapped-in weights, which a cache would not see
         cached = self.amp and cfg.optimizer == "adam" and "weight_cache" in layers.levers
@@ -337,13 +337,17 @@ class EHM:
                     f = m.critic(m.decoder(z_sleep).contiguous(memory_format=self.memory_format)).float()
                 loss = -f.mean()
                 return loss, {"gen_loss": loss.detach()}
+            sleeps = obj in ("ehm", "svae")
             with profile_range("wake"):
-                wake, out = self._wake(x, eps_wake)
+                mu, lv, z = self._encode(x, eps_wake)
+            out_wake, out_sleep = self._decode(z, z_sleep if sleeps else None)
+            with profile_range("wake"):
+                wake, out = self._wake(x, mu, lv, z, out_wake)
             total = wake.mean()
             out["wake_loss"] = total.detach()
-            if obj in ("ehm", "svae"):
+            if sleeps:
                 with profile_range("sleep"):
-                    sleep = self._sleep(z_sleep, noise_x).mean()
+                    sleep = self._sleep(z_sleep, noise_x, out_sleep).mean()
                 out["sleep_loss"] = sleep.detach()
                 total = total + sleep
             out["gen_loss"] = total.detach()
@@ -365,14 +369,33 @@ class EHM:
         fn = losses.gaussian_nll if lik == "gaussian" else losses.laplace_nll
         return fn(x, out, self.models.decoder.log_scale.float(), backend=b)
 
-    def _wake(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Metrics]:
-        """Per-sample wake loss -log p(x|z) - log p(z) (+ log q(z|x) for svae / vae)."""
-        m, cfg = self.models, self.cfg
+    def _encode(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(mu, logvar, z ~ q(z|x)) in fp32, z reparameterised with the standard noise eps."""
         with self._autocast():
-            mu, lv = m.encoder(x)
-            mu, lv = mu.float(), lv.float()
-            z = mu + torch.exp(0.5 * lv) * eps
-            out = m.decoder.output(z).float()
+            mu, lv = self.models.encoder(x)
+        mu, lv = mu.float(), lv.float()
+        return mu, lv, mu + torch.exp(0.5 * lv) * eps
+
+    def _decode(self, z_wake: Tensor, z_sleep: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The decoder's output for the wake codes (fp32) and the sleep codes (None without): one
+        call under the merge lever, each half with its own batch-norm statistics."""
+        dec = self.models.decoder
+        with self._autocast():
+            if z_sleep is not None and "merge" in self.layers.levers:
+                with profile_range("decoder.wake_and_sleep"):
+                    out_wake, out_sleep = dec.output(torch.cat([z_wake, z_sleep]), segments=2).split(len(z_wake))
+                return out_wake.float(), out_sleep
+            with profile_range("wake"):
+                out_wake = dec.output(z_wake).float()
+            if z_sleep is None:
+                return out_wake, None
+            with profile_range("sleep"):
+                return out_wake, dec.output(z_sleep)
+
+    def _wake(self, x: Tensor, mu: Tensor, lv: Tensor, z: Tensor, out: Tensor) -> tuple[Tensor, Metrics]:
+        """Per-sample wake loss -log p(x|z) - log p(z) (+ log q(z|x) for svae / vae), z ~ q(z|x)
+        with the decoder's output `out`."""
+        m, cfg = self.models, self.cfg
         x32 = x.float()
         rec = self._reconstruction_nll(x32, out)
         prior = self._prior_components()
@@ -387,18 +410,17 @@ class EHM:
             wake = wake - losses.latent_nll(z, mu, lv, backend=cfg.backend)
         return wake, metrics
 
-    def _sleep(self, z: Tensor, noise_x: Tensor | None) -> Tensor:
-        """Per-sample sleep loss -log q(z|x~) - w f(x~) (+ log p(x~|z) for svae)."""
+    def _sleep(self, z: Tensor, noise_x: Tensor | None, out: Tensor) -> Tensor:
+        """Per-sample sleep loss -log q(z|x~) - w f(x~) (+ log p(x~|z) for svae), z ~ p(z) with
+        the decoder's output `out`."""
         m, cfg = self.models, self.cfg
-        with self._autocast():
-            out = m.decoder.output(z)
         x_s, log_p = self._sample_x(out, noise_x)
         if not cfg.sleep_decoder_grad:
             x_s = x_s.detach()
         x_in = x_s.contiguous(memory_format=self.memory_format)
         with self._autocast():
-            f = m.critic(x_in).float() * cfg.critic_weight
-            mu, lv = m.encoder(x_in)
+            f, (mu, lv) = m.critic_and_encoder(x_in)
+        f = f.float() * cfg.critic_weight
         mu, lv = mu.float(), lv.float()
         if cfg.sleep_latent == "kl":
             lv_t = torch.full_like(z, 2 * math.log(cfg.sleep_code_noise))

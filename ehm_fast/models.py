@@ -67,8 +67,10 @@ class _DownStack(nn.Module):
         self.norms = nn.ModuleList(nn.Identity() if k == 0 else _norm(norm, o) for k, o in enumerate(widths))
         self.layers = LayerOptions()
 
-    def forward(self, x: Tensor) -> Tensor:
-        for k, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        """The stack from layer `start` (0: the image) on."""
+        for k in range(start, len(self.convs)):
+            conv, norm = self.convs[k], self.norms[k]
             with L.profile_range(f"{self.name}.layer{k + 1}"):
                 x = L.conv2d(x, conv.weight, conv.bias, 2, 1, self.layers, image=k == 0)
                 x = L.norm_act(x, norm, "lrelu", self.layers)
@@ -88,7 +90,11 @@ class Encoder(nn.Module):
         _dcgan_init(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h, opts = self.body(x), self.body.layers
+        return self.heads(self.body(x))
+
+    def heads(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) from the body's features."""
+        opts = self.body.layers
         heads = (self.mu_head, self.logvar_head)
         with L.profile_range("encoder.heads"):
             if "merge" in opts.levers:  # both heads read h: one call with both weight sets
@@ -155,7 +161,8 @@ class Decoder(nn.Module):
         self.log_scale = nn.Parameter(torch.full(shape, float(log_scale)), requires_grad=learn_scale)
         self.layers = LayerOptions()
 
-    def _up(self, h: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module | None, stride: int, padding: int) -> Tensor:
+    def _up(self, h: Tensor, weight: Tensor, bias: Tensor, norm: nn.Module | None, stride: int, padding: int,
+            segments: int = 1) -> Tensor:
         """Transposed conv + bias + norm + activation (ReLU; the output layer's tanh or none). The
         bias joins the fused op that follows where a lever fuses it, else the convolution."""
         opts = self.layers
@@ -164,14 +171,16 @@ class Decoder(nn.Module):
         h = L.conv_transpose2d(h, weight, None if fold else bias, stride, padding, opts, image=norm is None)
         if norm is None:
             return L.bias_act(h, bias if fold else None, activation, opts)
-        return L.norm_act(h, norm, activation, opts, input_bias=bias if fold else None)
+        return L.norm_act(h, norm, activation, opts, input_bias=bias if fold else None, segments=segments)
 
-    def output(self, z: Tensor) -> Tensor:
+    def output(self, z: Tensor, segments: int = 1) -> Tensor:
+        """The likelihood's parameter for codes z [n, z_dim]; `segments`: z holds that many batches
+        of equal size decoded in one call, each with its own batch-norm statistics."""
         with L.profile_range("decoder.top"):
-            h = self._up(z[:, :, None, None], self.top_weight, self.top_bias, self.top_norm, 1, 0)
+            h = self._up(z[:, :, None, None], self.top_weight, self.top_bias, self.top_norm, 1, 0, segments)
         for k in reversed(range(len(self.weights))):
             with L.profile_range(f"decoder.layer{k + 1}"):
-                h = self._up(h, self.weights[k], self.biases[k], self.norms[k - 1] if k > 0 else None, 2, 1)
+                h = self._up(h, self.weights[k], self.biases[k], self.norms[k - 1] if k > 0 else None, 2, 1, segments)
         return h
 
     def to_image(self, out: Tensor) -> Tensor:
@@ -195,7 +204,10 @@ class Critic(nn.Module):
         _dcgan_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.body(x)
+        return self.score(self.body(x))
+
+    def score(self, h: Tensor) -> Tensor:
+        """f from the body's features: [B]."""
         with L.profile_range("critic.head"):
             return L.conv2d(h, self.head.weight, self.head.bias, 1, 0, self.body.layers).flatten()
 
@@ -298,6 +310,21 @@ class EHMModels(nn.Module):
         if process_group is not None:
             opts.process_group = process_group
         return opts
+
+    def critic_and_encoder(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """(f(x), (mu(x), logvar(x))): the sleep phase's two reads of x~. Under the merge lever
+        their first layers (both a bias-free convolution of the image and a LeakyReLU) run as one
+        convolution with both weight sets."""
+        critic, encoder, opts = self.critic, self.encoder, self.encoder.body.layers
+        if "merge" not in opts.levers:
+            return critic(x), encoder(x)
+        with L.profile_range("sleep.first_layers"):
+            dtype = L.compute_dtype(x)
+            convs = (critic.body.convs[0], encoder.body.convs[0])
+            weight = torch.cat([L.cast(c.weight, dtype, opts) for c in convs])
+            h = L.norm_act(L.conv2d(x, weight, None, 2, 1, opts, image=True), nn.Identity(), "lrelu", opts)
+            h_critic, h_encoder = h.split([c.out_channels for c in convs], 1)
+        return critic.score(critic.body(h_critic, start=1)), encoder.heads(encoder.body(h_encoder, start=1))
 
     def conv_parameters(self) -> list[nn.Parameter]:
         """The weights and biases that convolutions read (what a weight cache holds), each once."""

@@ -133,3 +133,30 @@ def test_levers_are_parsed_and_checked():
 
     with pytest.raises(ConfigError, match="layer_levers"):
         validate(TrainConfig(layer_levers="conv,fast"))
+
+
+def _convolutions_in_generator_loss(levers: str) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    models = EHMModels(image_size=32, channels=3, z_dim=8, width=8, norm="batch")
+    step = EHM(models, EHMConfig(n_critic=1, layer_levers=levers))
+    closure = step._generator_closure(torch.rand(4, 3, 32, 32) * 2 - 1)
+    with Count():
+        closure()
+    return Count.calls
+
+
+def test_merge_makes_fewer_larger_calls():
+    """The merge lever: the decoder's wake and sleep passes as one call per layer, the sleep phase's
+    critic and encoder first layers as one, each encoder's two heads as one."""
+    decoder_layers = 1 + len(EHMModels(image_size=32, channels=3, z_dim=8, width=8).decoder.weights)
+    saved = decoder_layers + 1 + 2  # decoder layers, first layers, heads (wake and sleep)
+    assert _convolutions_in_generator_loss("none") - _convolutions_in_generator_loss("merge") == saved

@@ -131,9 +131,14 @@ def folds_bias(norm: nn.Module | None, opts: LayerOptions) -> bool:
     return _fused_bn(norm, opts)
 
 
-def norm_act(x: Tensor, norm: nn.Module, activation: str, opts: LayerOptions, input_bias: Tensor | None = None) -> Tensor:
+def norm_act(x: Tensor, norm: nn.Module, activation: str, opts: LayerOptions, input_bias: Tensor | None = None,
+             segments: int = 1) -> Tensor:
     """act(norm(x + input_bias)): batch norm + activation as one op under the bn_act lever (with the
-    preceding layer's bias folded in), else the norm module then `bias_act`."""
+    preceding layer's bias folded in), else the norm module then `bias_act`. `segments`: x holds
+    that many batches of equal size (merged calls); a batch norm normalises each with its own
+    statistics, updating its running statistics once per segment, in order."""
+    if segments > 1 and isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return torch.cat([norm_act(part, norm, activation, opts, input_bias) for part in x.chunk(segments)])
     if _fused_bn(norm, opts):
         return bn_act(norm, x, activation, LRELU_SLOPE, input_bias, backend=opts.backend,
                       process_group=opts.process_group)
