@@ -75,7 +75,7 @@ class EHM:
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         models.to(memory_format=self.memory_format)
         self.layers = layers = models.configure_layers(levers=levers_for(cfg.layer_levers, self.device.type), backend=cfg.backend,
-                                         image_layers=cfg.image_layers)
+                                         image_layers=cfg.image_layers, conv_kernel=cfg.conv_kernel)
         # SVRG/STORM evaluate at swapped-in weights, which a cache would not see
         cached = self.amp and cfg.optimizer == "adam" and "weight_cache" in layers.levers
         self.weight_cache = WeightCache(models.conv_parameters()) if cached else None

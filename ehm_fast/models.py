@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .nn import layers as L
 from .nn.layers import LayerOptions
-from .nn.options import IMAGE_LAYERS, parse_levers
+from .nn.options import CONV_KERNELS, IMAGE_LAYERS, parse_levers
 
 IMAGE_SIZES = (32, 64, 128)
 NORMS = ("batch", "layer", "none")
@@ -292,17 +292,23 @@ class EHMModels(nn.Module):
         self.critic.body.layers = self.decoder.layers = shared
 
     def configure_layers(self, *, levers: str | tuple[str, ...] | None = None, backend: str | None = None,
-                         image_layers: str | None = None, process_group: Any = None) -> LayerOptions:
+                         image_layers: str | None = None, conv_kernel: str | None = None,
+                         process_group: Any = None) -> LayerOptions:
         """What every layer of the players runs (one shared `LayerOptions`; arguments left None keep
         their value): `levers`, ehm_fast.nn's speedups in force (see ehm_fast.nn.options: "all",
         "none" or a list); `backend` of the fused layer ops (None: the global default); the form
         of the layers that read or write images: "cudnn" (conv2d / conv_transpose2d) or "matmul"
-        (the same sums as im2col + matmul); `process_group` of synchronised batch norm."""
+        (the same sums as im2col + matmul); `conv_kernel`, the convolutions' kernels ("cudnn" or
+        "triton"); `process_group` of synchronised batch norm."""
         opts = self.encoder.body.layers
         if image_layers is not None:
             if image_layers not in IMAGE_LAYERS:
                 raise ValueError(f"image layers must be one of {IMAGE_LAYERS}, got {image_layers!r}")
             opts.image_layers = image_layers
+        if conv_kernel is not None:
+            if conv_kernel not in CONV_KERNELS:
+                raise ValueError(f"conv kernel must be one of {CONV_KERNELS}, got {conv_kernel!r}")
+            opts.conv_kernel = conv_kernel
         if levers is not None:
             opts.levers = parse_levers(levers)
         if backend is not None:
