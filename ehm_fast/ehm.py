@@ -307,6 +307,12 @@ class EHM:
                 p.requires_grad_(flag)
 
     def _gradient_penalty(self, x: Tensor, fake: Tensor, e: Tensor) -> Tensor:
+        critic = self.models.critic
+        if "explicit_penalty" in critic.body.layers.levers:  # first-order passes, no double backward
+            from .nn.critic_penalty import gradient_penalty
+
+            with self._autocast(), profile_range("penalty_explicit"):
+                return gradient_penalty(critic, e * x + (1 - e) * fake, self.cfg.gp_eps)[0]
         x_hat = (e * x + (1 - e) * fake).requires_grad_(True)
         with self._autocast(), profile_range("penalty_forward"):
             f_hat = self.models.critic(x_hat)
