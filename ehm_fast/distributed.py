@@ -47,14 +47,14 @@ def current() -> DistInfo:
     """`rank_and_world()` with torchrun's LOCAL_RANK (0 without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
-    return DistInfo(*rank_and_world(), int(os.environ.get("LOCAL_RANK", 0)))
+    return DistInfo(*rank_and_world(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def launched() -> DistInfo:
     """What torchrun asks of this process (RANK, LOCAL_RANK, WORLD_SIZE; one process without
     them), read before any process group exists."""
     try:
-        env = {k: int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))}
+        env = {k: int(os.environ.get(k, d)) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
     except ValueError:
         raise ConfigError("RANK, LOCAL_RANK and WORLD_SIZE must be integers") from None
     return DistInfo(env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"])
