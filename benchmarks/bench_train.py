@@ -126,7 +126,6 @@ def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimiz
             old = getattr(step, name)
             setattr(step, name, torch.optim.Adam(old.param_groups[0]["params"], lr=cfg.lr, betas=cfg.betas,
                                                  foreach=True, capturable=step.cuda_graph))
-        step._device_skip = False
     x = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
     return step.step, x, None
 

@@ -3,7 +3,8 @@
 - `make_optimizer`: torch's fused Adam, or SVRG / STORM from `ehm_fast.optim`.
 - `StepEngine.optimize`: backward through one DDP forward per phase, then the optimizer step,
   skipping (and counting in `bad_steps`) any step whose loss or gradients are not finite: fused
-  Adam skips inside its kernel (its `found_inf`, no host sync); SVRG / STORM skip in `step`.
+  Adam skips inside its kernel (its `found_inf`, no host sync); torch's other Adams and SVRG /
+  STORM check on the host.
 - `IterationGraphs`: one CUDA graph per critic-step count for a whole iteration, captured after
   warm-up iterations whose effect on the weights and optimizer state is undone.
 
@@ -126,9 +127,13 @@ class StepEngine:
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
-        opt.found_inf = self.any_rank(found)  # the kernel does nothing where found_inf is 1
+        found = self.any_rank(found)
         with profile_range("optimizer"):
-            opt.step()
+            if opt.defaults.get("fused"):
+                opt.found_inf = found  # the kernel does nothing where found_inf is 1
+                opt.step()
+            elif not found.item():  # torch's other Adams cannot skip on the device
+                opt.step()
         self.bad_steps += found
         return metrics
 
