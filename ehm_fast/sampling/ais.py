@@ -76,10 +76,12 @@ def _check_args(x0: Tensor, n_steps: int, step_size: Union[float, Tensor], targe
         raise ValueError(f"x0 must be [M, ...] with M >= 1, got shape {tuple(x0.shape)}")
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
-    eps = torch.as_tensor(step_size, dtype=torch.float64)
+    on_device = isinstance(step_size, Tensor) and step_size.device.type != "cpu"
+    eps = step_size if on_device else torch.as_tensor(step_size, dtype=torch.float64)
     if eps.dim() > 1 or (eps.dim() == 1 and eps.numel() != x0.shape[0]):
         raise ValueError(f"step_size must be a number or [M] = [{x0.shape[0]}], got shape {tuple(eps.shape)}")
-    if not bool((eps > 0).all()) or not bool(torch.isfinite(eps).all()):
+    # a device tensor's values are not read: that would wait for the device (and break graph capture)
+    if not on_device and (not bool((eps > 0).all()) or not bool(torch.isfinite(eps).all())):
         raise ValueError(f"step_size must be finite and > 0, got {step_size!r}")
     if not 0 < target < 1:
         raise ValueError(f"target_acceptance must lie in (0, 1), got {target!r}")
@@ -127,7 +129,8 @@ def ais_log_partition(f: LogDensity, log_proposal: LogDensity, x0: Tensor, grad:
     grad: x -> (grad f(x), grad log_proposal(x)), each x's shape; autograd computes them if None.
     n_steps: K annealing steps; schedule: b_0 = 0 .. b_K = 1 (K + 1 values; default linear k / K).
     step_size: MALA's eps (a number, or [M] per chain): x' = x + eps grad log pi_k(x) + sqrt(2 eps) xi,
-    Metropolis-Hastings corrected. adapt: adapt eps per chain toward target_acceptance during the
+    Metropolis-Hastings corrected (a tensor on a GPU is taken as it is: its values are not checked,
+    which would wait for the device). adapt: adapt eps per chain toward target_acceptance during the
     chain (approximately unbiased only; see the module docstring). backend: the fused MALA step's
     implementation ("auto", "triton", "torch", ...; see ehm_fast.sampling.mala).
 
