@@ -88,7 +88,7 @@ class EHMConfig:
     image_layers: str = opt("cudnn", "the layers that read and write images (3 channels): cudnn convolutions, or "
                             "matmul (im2col + one matmul: the same sums)", IMAGE_LAYERS)
     conv_kernel: str = opt("cudnn", "the kernels of ehm_fast.nn's convolutions: cudnn, or triton (ehm_fast's own implicit-GEMM "
-                           "kernels, kernels/conv.py: the same sums; not yet timed on a GPU)", CONV_KERNELS)
+                           "kernels, kernels/conv.py: the same sums)", CONV_KERNELS)
     layer_levers: str = opt("auto", "the exact layer speedups of ehm_fast.nn in force: auto (all on a GPU, none on "
                             "the CPU), all, none, a comma list, or -name,... for all but those; " + "; ".join(f"{k}: {v}" for k, v in LEVER_HELP.items()))
     local_log_partition: bool = opt(False, "with several processes, estimate the importance log-partition over each "
