@@ -75,14 +75,16 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _symlog_ticks(ax: Any, values: list[float]) -> None:
-    """A symlog axis whose linear part holds the smallest decade shown: ticks at 0 and one per
-    decade beyond it, in plain numbers (the default crowds 10^0, 0 and -10^0 together)."""
-    from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator
+    """A symlog axis whose linear part spans the decade below the largest value: ticks at 0 and at
+    +-10^k from there up, in plain numbers (the default crowds 10^0, 0 and -10^0 together)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, SymmetricalLogLocator
 
     top = max((abs(v) for v in values), default=1.0) or 1.0
-    linthresh = 10.0 ** max(0, math.floor(math.log10(top)) - 1)
+    first, last = max(0, math.floor(math.log10(top)) - 1), math.ceil(math.log10(top))
+    linthresh = 10.0**first
+    decades = [10.0**k for k in range(first, last + 1)]
     ax.set_yscale("symlog", linthresh=linthresh)
-    ax.yaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=linthresh, subs=[1.0]))
+    ax.yaxis.set_major_locator(FixedLocator(sorted([0.0, *decades, *(-d for d in decades)])))
     ax.yaxis.set_minor_locator(SymmetricalLogLocator(base=10, linthresh=linthresh, subs=range(2, 10)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
 
