@@ -211,3 +211,13 @@ class IterationGraphs:
                 v.copy_(saved[k])
             else:  # optimizer state the warm-up created: a fresh Adam has zeros (step 0)
                 v.zero_()
+
+
+def compile_closure(closure: LossClosure) -> LossClosure:
+    """`closure` under torch.compile (Inductor's default mode: no CUDA graphs of its own, so
+    IterationGraphs can capture the compiled kernels, which its warm-up iterations compile first).
+    A phase's closures share one code object: the first compiles and later ones reuse that graph
+    while shapes, dtypes and options stay. The backward must be first order (aot_autograd refuses a
+    double backward): the critic's closure compiles with lipschitz gp only under the
+    explicit_penalty lever (docs/critic_penalty.md)."""
+    return torch.compile(closure)
