@@ -32,11 +32,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import losses
 from .config import ConfigError, EHMConfig
+from .distributed import global_log_partition, rank_and_world
 from .engine import IterationGraphs, LossClosure, Metrics, StepEngine, make_optimizer, wrap_phase
 from .likelihood import sample_image
 from .models import EHMModels
@@ -64,9 +64,7 @@ class EHM:
         on_gpu = self.device.type == "cuda"
         self.amp = (on_gpu and torch.cuda.is_bf16_supported()) if cfg.amp is None else bool(cfg.amp)
         self.channels_last = on_gpu if cfg.channels_last is None else bool(cfg.channels_last)
-        distributed = dist.is_available() and dist.is_initialized()
-        self.world_size = dist.get_world_size() if distributed else 1
-        self.rank = dist.get_rank() if distributed else 0
+        self.rank, self.world_size = rank_and_world()
         graph_ok = on_gpu and cfg.optimizer == "adam" and self.world_size == 1
         if cfg.cuda_graph and not graph_ok:
             why = "it needs a CUDA device" if not on_gpu else "it needs --optimizer adam on one process"
@@ -230,8 +228,6 @@ class EHM:
         which DDP's averaging already makes global)."""
         backend = self.cfg.backend
         if self.estimator == "importance" and self.world_size > 1 and not self.cfg.local_log_partition:
-            from .distributed import global_log_partition
-
             return -f_real.mean() + global_log_partition(f_fake.reshape(-1), log_p.reshape(-1), backend=backend)
         proposal = log_p if self.estimator == "importance" else None
         return losses.critic_loss(f_real, f_fake, proposal, estimator=self.estimator, backend=backend)
