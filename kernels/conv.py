@@ -268,22 +268,26 @@ def _dot_args(t: torch.Tensor) -> dict:
     return {"ACC": tl.float32, "PRECISION": "ieee" if wide else "tf32", "INTERPRETER": INTERPRETED}
 
 
-def _candidates(t: torch.Tensor) -> tuple[Tile, ...]:
+def _candidates(t: torch.Tensor, stats: bool = False) -> tuple[Tile, ...]:
     if t.device.type != "cuda":
         return (INTERPRETER_TILE,)
-    return GPU_TILES if t.element_size() == 2 else (WIDE_TILE,)
+    if t.element_size() != 2:
+        return (WIDE_TILE,)
+    # the widest tile spills registers with the statistics epilogue (sm_90, triton_compile_check)
+    return tuple(tile for tile in GPU_TILES if not (stats and tile.block_n >= 256))
 
 
 _TUNED: dict[tuple, Tile] = {}
 
 
-def _tuned(key: tuple, like: torch.Tensor, run: Callable[[Tile], object], tile: Tile | None) -> Tile:
+def _tuned(key: tuple, like: torch.Tensor, run: Callable[[Tile], object], tile: Tile | None,
+           stats: bool = False) -> Tile:
     """`tile`, else the fastest candidate for `key` (timed once per process, then cached). Inside a
     CUDA-graph capture nothing can be timed: an untuned shape takes the first candidate (calls
     before the capture, such as its warm-up, tune it)."""
     if tile is not None:
         return tile
-    tiles = _candidates(like)
+    tiles = _candidates(like, stats)
     if len(tiles) == 1:
         return tiles[0]
     if key not in _TUNED:
@@ -377,7 +381,8 @@ def conv_fwd(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride
                 BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages)
         return bufs
 
-    bufs = run(_tuned(_key("fwd", x, w, extra=(stride, padding, activation, bias is not None, stats)), x, run, tile))
+    bufs = run(_tuned(_key("fwd", x, w, extra=(stride, padding, activation, bias is not None, stats)), x, run, tile,
+                      stats))
     return (y, *_merge_stats(*bufs, m)) if stats else (y, None, None)
 
 
@@ -407,7 +412,7 @@ def conv_dgrad(dy: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, str
         return bufs
 
     key = _key("dgrad", dy, w, extra=(stride, padding, h, wd, activation, bias is not None, stats))
-    bufs = run(_tuned(key, dy, run, tile))
+    bufs = run(_tuned(key, dy, run, tile, stats))
     return (dx, *_merge_stats(*bufs, n * h * wd)) if stats else (dx, None, None)
 
 
