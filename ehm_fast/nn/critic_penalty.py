@@ -115,8 +115,10 @@ def _flat_params(critic: nn.Module) -> list[Tensor]:
     return out + [critic.head.weight]
 
 
-def _forward(plan: _Plan, x: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """(gp, |g| per sample, what the gradient passes read). x and the weights in the compute dtype."""
+def _forward(plan: _Plan, x: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+    """(gp, |g| per sample, what the gradient passes read: per layer its input (where a norm needs
+    the primal chain), mask, normalised activations, 1/sigma, df/d(pre-activation), df/d(norm
+    output), then g and |g|). x and the weights in the compute dtype."""
     weights, affines, head_w = _unpack(plan, params)
     dtype, acc, n_layers = x.dtype, _acc_dtype(x), len(weights)
     hs, masks, stats = [], [], []
@@ -155,19 +157,21 @@ def _forward(plan: _Plan, x: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor
     g = d.to(acc)
     g_norm = torch.sqrt(g.square().sum(_DIMS) + plan.eps)
     gp = (g_norm - 1).square().mean()
-    any_norm = any(s is not None for s in stats)
-    saved = {"hs": hs if any_norm else [None] * n_layers, "masks": masks, "stats": stats, "cs": cs, "es": es,
-             "g": g, "g_norm": g_norm}
-    return gp, g_norm, saved
+    if all(s is None for s in stats):
+        hs = [None] * n_layers
+    xhats, inv_sigmas = ([None if s is None else s[i] for s in stats] for i in range(2))
+    return gp, g_norm, (*hs, *masks, *xhats, *inv_sigmas, *cs, *es, g, g_norm)
 
 
-def _backward(plan: _Plan, params: tuple[Tensor, ...], saved: dict[str, Any], grad_gp: Tensor,
+def _backward(plan: _Plan, params: tuple[Tensor, ...], saved: tuple[Tensor | None, ...], grad_gp: Tensor,
               need_x: bool) -> tuple[Tensor | None, list[Tensor]]:
     """(dGP/dx or None, dGP/dparams in `_unpack`'s order) times grad_gp, first-order ops only."""
     weights, affines, _ = _unpack(plan, params)
-    masks, stats, cs, es, hs = saved["masks"], saved["stats"], saved["cs"], saved["es"], saved["hs"]
-    g, g_norm = saved["g"], saved["g_norm"]
-    dtype, acc, n_layers, b = cs[0].dtype, g.dtype, len(weights), g.shape[0]
+    n_layers = len(weights)
+    hs, masks, xhats, inv_sigmas, cs, es = (saved[i * n_layers:(i + 1) * n_layers] for i in range(6))
+    stats = [None if xh is None else (xh, s) for xh, s in zip(xhats, inv_sigmas)]
+    g, g_norm = saved[-2:]
+    dtype, acc, b = cs[0].dtype, g.dtype, g.shape[0]
     u = (grad_gp.to(acc) * (2 / b)) * ((g_norm - 1) / g_norm).view(-1, 1, 1, 1) * g  # dGP/dg
     # the tangent forward: t_k = the directional derivative of layer k's input along u
     t, ts, adots, xdots = u.to(dtype), [], [], []
@@ -228,17 +232,17 @@ class _GradientPenalty(torch.autograd.Function):
     def forward(ctx: Any, plan: _Plan, x: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
         with torch.autocast(x.device.type, enabled=False):
             gp, g_norm, saved = _forward(plan, x, params)
-        ctx.plan, ctx.saved = plan, saved  # lists of tensors, read once by backward
-        ctx.save_for_backward(*params)
+        ctx.plan, ctx.n_params = plan, len(params)
+        ctx.save_for_backward(*params, *saved)
         ctx.mark_non_differentiable(g_norm)
         return gp, g_norm
 
     @staticmethod
     def backward(ctx: Any, grad_gp: Tensor, _grad_norm: Tensor | None) -> tuple[Tensor | None, ...]:
-        params = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        params, saved = saved[:ctx.n_params], saved[ctx.n_params:]
         with torch.autocast(grad_gp.device.type, enabled=False):
-            dx, grads = _backward(ctx.plan, params, ctx.saved, grad_gp, ctx.needs_input_grad[1])
-        ctx.saved = None
+            dx, grads = _backward(ctx.plan, params, saved, grad_gp, ctx.needs_input_grad[1])
         return (None, dx, *(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad[2:])))
 
 
@@ -266,13 +270,14 @@ def gradient_penalty(critic: nn.Module, x_hat: Tensor, eps: float) -> tuple[Tens
 @torch.no_grad()
 def penalty_and_gradients(critic: nn.Module, x_hat: Tensor, eps: float,
                           weight: float = 1.0) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """The autograd-free form: (GP, |g| per sample, {parameter name: d(weight * GP)/dparameter})
-    for models.Critic at x_hat, in the parameters' dtypes (the head bias, on which GP does not
-    depend, is left out)."""
+    """The autograd-free form: (GP, g = df/dx at x_hat, {parameter name: d(weight * GP)/dparameter})
+    for models.Critic, g in fp32 (fp64 for fp64), the gradients in the parameters' dtypes (the head
+    bias, on which GP does not depend, is left out)."""
     plan = _plan(critic, eps)
     x, params = _operands(critic, x_hat)
     with torch.autocast(x.device.type, enabled=False):
-        gp, g_norm, saved = _forward(plan, x, tuple(params))
-        _, grads = _backward(plan, tuple(params), saved, torch.tensor(float(weight), device=x.device), False)
+        gp, _, saved = _forward(plan, x, tuple(params))
+        _, grads = _backward(plan, tuple(params), saved, torch.tensor(weight, dtype=torch.float64, device=x.device),
+                             False)
     names = {id(p): name for name, p in critic.named_parameters()}
-    return gp, g_norm, {names[id(p)]: gr.to(p.dtype) for p, gr in zip(_flat_params(critic), grads)}
+    return gp, saved[-2], {names[id(p)]: gr.to(p.dtype) for p, gr in zip(_flat_params(critic), grads)}
