@@ -337,7 +337,8 @@ class Run:
         e, n = self.ehm, sum(p.numel() for p in self.models.parameters())
         return (f"{self.cfg.objective} on {self.cfg.data} ({self.cfg.image_size}px, {self.channels} channel(s)), "
                 f"{n / 1e6:.2f}M parameters, device {self.device} (amp={e.amp}, channels_last={e.channels_last}, "
-                f"cuda_graph={e.cuda_graph}, image_layers={self.cfg.image_layers}), {self._parallelism()}, "
+                f"cuda_graph={e.cuda_graph}, image_layers={self.cfg.image_layers}, conv_kernel={self.cfg.conv_kernel}, "
+                f"layer levers={','.join(sorted(e.layers.levers)) or 'none'}), {self._parallelism()}, "
                 f"run folder {self.run_dir}")
 
     def _parallelism(self) -> str:

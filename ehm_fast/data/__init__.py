@@ -6,7 +6,7 @@ The trainer's entry point is `open_data(spec, image_size, seed=..., rank=..., wo
 from .digits import Digits
 from .folder import ImageFolder, ZipImages
 from .images import DecodedImages, decode_square
-from .loader import BatchLoader, open_data
+from .loader import BatchLoader, open_data, random_subset
 from .lsun import LSUN
 from .prepare import prepare
 from .shards import Shards
@@ -25,4 +25,5 @@ __all__ = [
     "open_images",
     "parse_spec",
     "prepare",
+    "random_subset",
 ]
