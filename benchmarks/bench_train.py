@@ -229,6 +229,8 @@ ROWS: list[tuple[str, str, dict]] = [
     ("4 ehm_fast -channels_last", "ehm", {"channels_last": False}),
     # not yet a default: the 3-channel convolutions as im2col + matmul (same sums), untimed so far
     ("6 ehm_fast +matmul image layers", "ehm", {"image_layers": "matmul"}),
+    # not yet in "all": the penalty's gradient by explicit first-order passes, untimed so far
+    ("6 ehm_fast +explicit penalty", "ehm", {"layer_levers": "all,explicit_penalty"}),
     ("6 ehm_fast +triton convolutions", "ehm", {"conv_kernel": "triton"}),
     ("5 ehm_fast weight clipping", "ehm", {"lipschitz": "clip"}),
     ("5 ehm_fast svrg", "ehm", {"optimizer": "svrg"}),
