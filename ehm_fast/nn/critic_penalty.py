@@ -191,11 +191,12 @@ def _backward(plan: _Plan, params: tuple[Tensor, ...], saved: tuple[Tensor | Non
     head_grad = t.sum(0, keepdim=True, dtype=acc).to(dtype)  # d(sum_b <W_head, t_b>)/dW_head
     # the primal chain: p = d(D_u f)/dh through the forward activations, started by each norm's
     # second-derivative term s (none without a norm: LeakyReLU's second derivative is zero)
-    grads: list[list[Tensor]] = [[] for _ in range(n_layers)]
+    grads: list[list[Tensor]] = [[] for _ in range(n_layers)]  # per layer: weight (, gamma, beta)
     p: Tensor | None = None
     dx = None
     for k in reversed(range(n_layers)):
         pn = None if p is None else _leaky(masks[k], p.to(acc))
+        affine_grads = []
         if stats[k] is None:
             pa = pn
         else:
@@ -203,17 +204,18 @@ def _backward(plan: _Plan, params: tuple[Tensor, ...], saved: tuple[Tensor | Non
             gamma = _channel(affines[k][0])
             c, e, adot, xdot = cs[k].to(acc), es[k], adots[k], xdots[k]
             n = xhat[0].numel()
+            # s = d<e, gamma P(adot)>/da, per sample: -(1/sigma) (q xhat + m_a P(gamma e) + m_e P(adot))
             q = (adot * c).sum(_DIMS, keepdim=True) / n
-            alpha = (xhat * adot).mean(_DIMS, keepdim=True)
-            beta = (e * gamma * xhat).mean(_DIMS, keepdim=True)
-            pa = -inv_sigma * (q * xhat + alpha * c + beta * xdot)
+            m_a = (xhat * adot).mean(_DIMS, keepdim=True)
+            m_e = (e * gamma * xhat).mean(_DIMS, keepdim=True)
+            pa = -inv_sigma * (q * xhat + m_a * c + m_e * xdot)
             d_gamma = (e * xdot).sum((0, 2, 3))
             d_beta = torch.zeros_like(affines[k][1])
             if pn is not None:
                 pa = pa + _norm_adjoint(pn * gamma, xhat, inv_sigma)
                 d_gamma = d_gamma + (pn * xhat).sum((0, 2, 3))
                 d_beta = pn.sum((0, 2, 3))
-            grads[k][1:] = [d_gamma.to(affines[k][0].dtype), d_beta.to(affines[k][1].dtype)]
+            affine_grads = [d_gamma.to(affines[k][0].dtype), d_beta.to(affines[k][1].dtype)]
         if pa is None:
             w_grad = _weight_grad(cs[k], ts[k], weights[k], plan.geometry)
         else:  # the tangent's and the primal chain's weight gradients in one call, along the batch
@@ -221,7 +223,7 @@ def _backward(plan: _Plan, params: tuple[Tensor, ...], saved: tuple[Tensor | Non
             w_grad = _weight_grad(torch.cat([cs[k], pa]), torch.cat([ts[k], hs[k]]), weights[k], plan.geometry)
             if k > 0 or need_x:
                 p = _apply(pa, weights[k], None, plan.geometry.adjoint(hs[k].shape[-2:], pa.shape[-2:], 4))
-        grads[k][:0] = [w_grad]
+        grads[k] = [w_grad, *affine_grads]
     if need_x:  # the Hessian-vector product of f along u: zero without a norm
         dx = p.to(dtype) if p is not None else torch.zeros_like(ts[0])
     return dx, [t for layer in grads for t in layer] + [head_grad]
@@ -250,12 +252,8 @@ def _operands(critic: nn.Module, x_hat: Tensor) -> tuple[Tensor, list[Tensor]]:
     """x_hat and the parameters in the compute dtype (the norm's affine stays fp32, as autocast
     keeps it), weights read from the layers' cache where it holds them."""
     dtype, opts = compute_dtype(x_hat), critic.body.layers
-    params = []
-    for conv, norm in zip(critic.body.convs, critic.body.norms):
-        params.append(cast(conv.weight, dtype, opts))
-        if isinstance(norm, nn.GroupNorm):
-            params += [norm.weight.to(_acc_dtype(norm.weight)), norm.bias.to(_acc_dtype(norm.bias))]
-    return x_hat.to(dtype), params + [cast(critic.head.weight, dtype, opts)]
+    params = [cast(p, dtype, opts) if p.dim() == 4 else p.to(_acc_dtype(p)) for p in _flat_params(critic)]
+    return x_hat.to(dtype), params
 
 
 def gradient_penalty(critic: nn.Module, x_hat: Tensor, eps: float) -> tuple[Tensor, Tensor]:
