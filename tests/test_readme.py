@@ -48,7 +48,7 @@ TINY_PYTHON = [("range(1000)", "range(2)"), ("width=32", "width=4"), ("z_dim=32"
 
 
 def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", README, re.S | re.M)
+    return re.findall(rf"^```{lang}\n(.*?)^```", README, re.DOTALL | re.MULTILINE)
 
 
 def _commands() -> list[str]:
@@ -88,9 +88,10 @@ class TinyFeatures(torch.nn.Module):
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """The shared folder, with the data the README's placeholders name; digits decoded once."""
+    from PIL import Image
+
     from ehm_fast.data import digits
     from ehm_fast.data.synthetic import make_lsun
-    from PIL import Image
 
     ws = tmp_path_factory.mktemp("readme")
     images = ws / "path/to/images"
@@ -111,7 +112,7 @@ def _reroot(words: list[str], ws: Path) -> list[str]:
     out = []
     for w in words:
         for prefix in ("/data/", "/path/to/"):
-            w = re.sub(rf"(^|:){re.escape(prefix)}", lambda m: m.group(1) + str(ws) + prefix, w)
+            w = re.sub(rf"(^|:){re.escape(prefix)}", lambda m, p=prefix: m.group(1) + str(ws) + p, w)
         out.append(w)
     return out
 
@@ -280,4 +281,4 @@ def test_readme_python_block(index, work, monkeypatch):
         code = code.replace(old, new)
     if "runs/digits" in code:
         _ensure_run(work, "runs/digits")
-    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme_block"})
+    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme_block"})  # noqa: S102 - the README's own examples
