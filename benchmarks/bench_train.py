@@ -103,7 +103,7 @@ def plain_runner(device, batch, width, *, fast: bool, gp: bool = True, graph: bo
 def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimizer: bool = True,
                cuda_graph: bool | None = None, amp: bool | None = None, channels_last: bool | None = None,
                lipschitz: str = "gp", optimizer: str = "adam", image_layers: str = "cudnn",
-               layer_levers: str = "all", conv_kernel: str = "cudnn"):
+               layer_levers: str = "all", conv_kernel: str = "cudnn", compile: bool = False):
     """ehm_fast's training step (ehm_fast.EHM) on the same networks; keyword arguments turn single
     speed features off (None = the trainer's default on this device). Every layer lever is on by
     default, as the trainer has it on a GPU ("auto"), so the rows that switch one off compare with
@@ -118,7 +118,7 @@ def ehm_runner(device, batch, width, *, fused_losses: bool = True, fused_optimiz
     cfg = EHMConfig(objective="ehm", estimator="importance", n_critic=1, lipschitz=lipschitz, optimizer=optimizer,
                     backend="auto" if fused_losses else "torch", amp=amp, channels_last=channels_last,
                     cuda_graph=cuda_graph if device.type == "cuda" else False, image_layers=image_layers,
-                    layer_levers=layer_levers, conv_kernel=conv_kernel)
+                    layer_levers=layer_levers, conv_kernel=conv_kernel, compile=compile)
     step = EHM(models, cfg)
     if not fused_optimizer and optimizer == "adam":
         # torch's multi-tensor (foreach) Adam in place of the fused kernel
@@ -231,6 +231,7 @@ ROWS: list[tuple[str, str, dict]] = [
     ("6 ehm_fast +matmul image layers", "ehm", {"image_layers": "matmul"}),
     # not yet in "all": the penalty's gradient by explicit first-order passes, untimed so far
     ("6 ehm_fast +explicit penalty", "ehm", {"layer_levers": "all,explicit_penalty"}),
+    ("6 ehm_fast +compile +explicit penalty", "ehm", {"layer_levers": "all,explicit_penalty", "compile": True}),
     ("6 ehm_fast +triton convolutions", "ehm", {"conv_kernel": "triton"}),
     ("5 ehm_fast weight clipping", "ehm", {"lipschitz": "clip"}),
     ("5 ehm_fast svrg", "ehm", {"optimizer": "svrg"}),

@@ -87,6 +87,8 @@ class EHMConfig:
                                   "optimizer can skip a non-finite step on the device)")
     image_layers: str = opt("cudnn", "the layers that read and write images (3 channels): cudnn convolutions, or "
                             "matmul (im2col + one matmul: the same sums)", IMAGE_LAYERS)
+    compile: bool = opt(False, "compile the critic and generator loss closures with torch.compile (Inductor); with "
+                        "lipschitz gp it needs the explicit_penalty layer lever (Inductor refuses a double backward)")
     conv_kernel: str = opt("cudnn", "the kernels of ehm_fast.nn's convolutions: cudnn, or triton (ehm_fast's own implicit-GEMM "
                            "kernels, kernels/conv.py: the same sums)", CONV_KERNELS)
     layer_levers: str = opt("auto", "the exact layer speedups of ehm_fast.nn in force: auto (all on a GPU, none on "
@@ -188,6 +190,14 @@ def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str) -> 
     return validate(dataclasses.replace(config, **clean))
 
 
+def check_compile(config: EHMConfig, levers: frozenset[str]) -> None:
+    """compile with the gradient penalty needs its explicit first-order form."""
+    critic = config.objective != "vae"
+    if config.compile and critic and config.lipschitz == "gp" and "explicit_penalty" not in levers:
+        raise ConfigError("compile with lipschitz gp needs the explicit_penalty layer lever (e.g. --layer-levers "
+                          "all,explicit_penalty): torch.compile cannot differentiate the penalty twice")
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     positive = ("n_critic", "batch_size", "z_dim", "width", "critic_width", "log_every", "sample_every", "ckpt_every",
                 "n_samples", "vamp_components", "max_bad_steps",
@@ -204,9 +214,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         if not getattr(config, name) > 0:
             raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
     try:
-        levers_for(config.layer_levers, "cpu")
+        levers = levers_for(config.layer_levers, "cpu")
     except ValueError as exc:
         raise ConfigError(f"layer_levers: {exc}") from None
+    check_compile(config, levers)
     return config
 
 

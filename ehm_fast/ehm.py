@@ -35,9 +35,9 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
-from .config import ConfigError, EHMConfig
+from .config import ConfigError, EHMConfig, check_compile
 from .distributed import global_log_partition, rank_and_world
-from .engine import IterationGraphs, LossClosure, Metrics, StepEngine, make_optimizer, wrap_phase
+from .engine import IterationGraphs, LossClosure, Metrics, StepEngine, compile_closure, make_optimizer, wrap_phase
 from .likelihood import sample_image
 from .models import EHMModels
 from .nn.layers import profile_range
@@ -74,6 +74,7 @@ class EHM:
         models.to(memory_format=self.memory_format)
         self.layers = layers = models.configure_layers(levers=levers_for(cfg.layer_levers, self.device.type), backend=cfg.backend,
                                          image_layers=cfg.image_layers, conv_kernel=cfg.conv_kernel)
+        check_compile(cfg, layers.levers)
         # SVRG/STORM evaluate at swapped-in weights, which a cache would not see
         cached = self.amp and cfg.optimizer == "adam" and "weight_cache" in layers.levers
         self.weight_cache = WeightCache(models.conv_parameters()) if cached else None
@@ -209,7 +210,7 @@ class EHM:
 
     def _critic_step(self, x: Tensor) -> Metrics:
         with self._trainable(critic=True):
-            metrics = self.engine.optimize(self.opt_c, self.c_params, self._critic_closure(x), self.ddp_c,
+            metrics = self.engine.optimize(self.opt_c, self.c_params, self._compiled(self._critic_closure(x)), self.ddp_c,
                                      lambda: self._critic_closure(self._fresh_batch(x)))
         if self.cfg.lipschitz == "clip":
             with torch.no_grad():
@@ -218,6 +219,9 @@ class EHM:
         if self.weight_cache is not None:
             self.weight_cache.refresh(self.c_params)  # the generator step and the next critic step read them
         return metrics
+
+    def _compiled(self, closure: LossClosure) -> LossClosure:
+        return compile_closure(closure) if self.cfg.compile else closure
 
     def _fresh_batch(self, x: Tensor) -> Tensor:
         return x if self.batch_source is None else self._prepare(next(self.batch_source))
@@ -319,7 +323,7 @@ class EHM:
 
     def _generator_step(self, x: Tensor) -> Metrics:
         with self._trainable(critic=False):
-            metrics = self.engine.optimize(self.opt_g, self.g_params, self._generator_closure(x), self.ddp_g,
+            metrics = self.engine.optimize(self.opt_g, self.g_params, self._compiled(self._generator_closure(x)), self.ddp_g,
                                      lambda: self._generator_closure(self._fresh_batch(x)))
         metrics["log_scale"] = self.models.decoder.log_scale.detach().float().mean()
         return metrics

@@ -4,14 +4,12 @@ within the low-precision error of autograd's own in float32 and bf16, the same E
 with the explicit_penalty lever on and off, a clear error for an unsupported critic, and the
 critic step compiled whole by torch.compile."""
 
-import contextlib
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from ehm_fast.config import EHMConfig
+from ehm_fast.config import ConfigError, EHMConfig
 from ehm_fast.ehm import EHM
 from ehm_fast.models import CRITIC_NORMS, Critic, EHMModels
 from ehm_fast.nn import LEVERS, LayerOptions, levers_for, parse_levers
@@ -209,18 +207,14 @@ def test_the_lever_is_opt_in():
 
 
 @pytest.mark.slow
-def test_critic_step_compiles_whole_and_equals_eager(monkeypatch):
-    """torch.compile (Inductor, CPU) traces the critic closure with the explicit penalty as one
-    graph, and its loss and gradients equal eager's. nn.layers.profile_range asks
-    torch.autograd._profiler_enabled(), which Dynamo cannot trace (a graph break per range, not an
-    error): it is switched off here so the count shows what the penalty itself needs."""
+def test_critic_step_compiles_whole_and_equals_eager():
+    """torch.compile (Inductor, CPU) traces the critic closure with the explicit penalty and every
+    other lever as one graph (no graph breaks: the profiler ranges and the zero-free convolutions'
+    node tracing stand aside under compile), and its loss and gradients equal eager's."""
     seed = torch.initial_seed() % 2**31
-    print(f"seed {seed}")
-    for module in ("ehm_fast.nn.layers", "ehm_fast.ehm"):
-        monkeypatch.setattr(sys.modules[module], "profile_range", lambda name: contextlib.nullcontext())
     torch.manual_seed(seed)
     models = EHMModels(image_size=32, channels=3, z_dim=8, width=8, critic_norm="layer")
-    step = EHM(models, EHMConfig(lipschitz="gp", n_critic=1, layer_levers="explicit_penalty"))
+    step = EHM(models, EHMConfig(lipschitz="gp", n_critic=1, layer_levers="all,explicit_penalty"))
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     closure = step._critic_closure(x)
     torch._dynamo.reset()
@@ -240,3 +234,27 @@ def test_critic_step_compiles_whole_and_equals_eager(monkeypatch):
     scale = max(r.abs().max().item() for r in ref)
     for i, (p, r) in enumerate(zip(step.c_params, ref)):
         assert (p.grad - r).abs().max().item() <= 1e-5 * scale, i
+
+
+def test_compile_needs_the_explicit_penalty():
+    models = EHMModels(image_size=32, channels=1, z_dim=4, width=4)
+    with pytest.raises(ConfigError, match="explicit_penalty"):
+        EHM(models, EHMConfig(lipschitz="gp", compile=True, layer_levers="all"))
+    EHM(models, EHMConfig(lipschitz="clip", compile=True))  # no penalty: nothing to differentiate twice
+
+
+@pytest.mark.slow
+def test_compiled_iterations_equal_eager():
+    """--compile: both phases' closures under torch.compile give the eager iterations' losses."""
+    seed = torch.initial_seed() % 2**31
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(seed)
+        models = EHMModels(image_size=32, channels=1, z_dim=4, width=4)
+        step = EHM(models, EHMConfig(n_critic=1, compile=compiled, layer_levers="all,explicit_penalty"))
+        x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        runs.append([{k: float(v) for k, v in step.step(x).items()} for _ in range(2)])
+    torch._dynamo.reset()
+    for eager, compiled in zip(*runs):
+        for key in eager:
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), key

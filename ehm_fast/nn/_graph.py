@@ -21,8 +21,8 @@ def memory_format_of(t: Tensor) -> torch.memory_format:
 def trackable(t: Tensor | None) -> Tensor | None:
     """A view of a leaf that needs a gradient: autograd can say whether a backward will run a view's
     node, not a leaf's (under autograd.grad); the view costs no copy."""
-    if t is None or not (t.requires_grad and t.grad_fn is None and torch.is_grad_enabled()):
-        return t
+    if t is None or torch.compiler.is_compiling() or not (t.requires_grad and t.grad_fn is None and torch.is_grad_enabled()):
+        return t  # under torch.compile nothing asks (needed() is off there): reading grad_fn would break the graph
     return t.view_as(t)
 
 

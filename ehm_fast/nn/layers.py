@@ -56,7 +56,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def profile_range(name: str) -> contextlib.AbstractContextManager:
     """A named range in torch.profiler traces, free when no profiler runs."""
-    return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():  # no graph break under compile
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
 
 
 def cast(t: Tensor | None, dtype: torch.dtype, opts: LayerOptions) -> Tensor | None:
