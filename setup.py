@@ -85,8 +85,8 @@ def _build_ext():
 
 
 setup(
-    # kernels/ stays at the top level and installs as ehm_fast.kernels (ehm_fast/kernels is a
-    # symlink to it, so a source checkout imports the same files).
+    # kernels/ stays at the top level and installs as ehm_fast.kernels; an editable install maps
+    # the name to the same folder, so each file has one name in a checkout too.
     packages=sorted(set(find_packages(include=["ehm_fast", "ehm_fast.*"])) | {"ehm_fast.kernels"}),
     package_dir={"ehm_fast": "ehm_fast", "ehm_fast.kernels": "kernels"},
     ext_modules=_extensions(),

@@ -170,3 +170,13 @@ def test_accumulation_dtype_agrees_between_backends(dtype):
         _, lse = module.log_partition_fwd(s, None, False)
         nll = module.image_nll_fwd(x, x, scale, contract.GAUSSIAN)
         assert lse.dtype == nll.dtype == contract.acc_dtype(dtype), module.__name__
+
+
+def test_the_kernels_package_is_the_top_level_folder():
+    """kernels/ installs as ehm_fast.kernels with each file under one name (no link inside ehm_fast/)."""
+    import ehm_fast
+    import ehm_fast.kernels
+
+    root = Path(ehm_fast.__file__).resolve().parents[1]
+    assert not (root / "ehm_fast" / "kernels").exists()
+    assert Path(ehm_fast.kernels.__file__).resolve() == root / "kernels" / "__init__.py"
