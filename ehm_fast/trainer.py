@@ -72,12 +72,23 @@ def _device(spec: str, local_rank: int, world_size: int) -> torch.device:
     return device
 
 
-def _run_dir(cfg: TrainConfig, resume: Path | None) -> Path:
+def _run_dir(cfg: TrainConfig, resume: Path | None, world_size: int) -> Path:
+    """--out, the resumed run's folder, or runs/<date-time> (with -2, -3, ... when two runs start in
+    the same second); with several processes every rank takes rank 0's choice."""
     if cfg.out:
         return Path(cfg.out)
     if resume is not None:
         return resume.parent
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    path, n = stamp, 1
+    while path.exists():
+        n += 1
+        path = stamp.with_name(f"{stamp.name}-{n}")
+    if world_size > 1:
+        chosen = [str(path)]
+        dist.broadcast_object_list(chosen, src=0)
+        path = Path(chosen[0])
+    return path
 
 
 def _stop_name(code: int) -> str:
@@ -128,7 +139,7 @@ class Run:
         self.ehm = EHM(self.models, cfg, batch_source=self.loader)
         if resume_state is not None:
             self._restore(resume_state, resume_path)
-        self.run_dir = _run_dir(cfg, resume_path)
+        self.run_dir = _run_dir(cfg, resume_path, self.world_size)
         if resume_state is None and (self.run_dir / ckpt.CHECKPOINT_NAME).exists():
             raise ConfigError(f"run folder {str(self.run_dir)!r} already holds a checkpoint: continue it with --resume "
                               f"{self.run_dir}, or choose another --out")

@@ -397,3 +397,13 @@ def test_too_many_bad_steps_stop_with_a_message(tmp_path):
     with pytest.raises(train.TrainingStopped, match="non-finite"):
         run.train()
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch, capsys):
+    from ehm_fast import trainer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(trainer.time, "strftime", lambda fmt: "20261203-101509")
+    for _ in range(2):
+        assert run_cli(train.main, [*TINY, "--steps", "1"], capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["20261203-101509", "20261203-101509-2"]
