@@ -47,6 +47,7 @@ from ehm_fast.runs import load_models  # noqa: E402
 from ehm_fast.train import main as train_main  # noqa: E402
 
 OPTIMIZERS = ("adam", "svrg", "storm")
+POOL_BATCHES = 16  # the images the variance measurement draws its minibatches from
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where ehm-train's --device auto trains
 
 
@@ -58,11 +59,16 @@ def generator_variance(run: Path, num_batches: int, seed: int) -> dict[str, floa
     models.train()
     ehm = EHM(models, cfg)
     ehm.load_state_dict(state["ehm"])
-    batches = iter(open_data(cfg.data, cfg.image_size, seed=seed, batch_size=cfg.batch_size,
-                             channels=state["channels"], flip=cfg.data != "digits"))
+    loader = iter(open_data(cfg.data, cfg.image_size, seed=seed, batch_size=cfg.batch_size,
+                            channels=state["channels"], flip=cfg.data != "digits"))
+    pool = torch.cat([next(loader) for _ in range(POOL_BATCHES)])
+    torch.manual_seed(seed)
 
     def closure() -> torch.Tensor:
-        loss, _ = ehm._generator_closure(ehm._prepare(next(batches)))()
+        # the batch from the global generator, as the closure's noise: the control variate's replay
+        # rewinds it and sees the same batch (a loader's own state would give it another one)
+        x = pool[torch.randint(len(pool), (cfg.batch_size,))]
+        loss, _ = ehm._generator_closure(ehm._prepare(x))()
         loss.backward()
         return loss.detach()
 
