@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ehm_fast.ops.contract import acc_dtype
+
 TILE = 4096  # elements per [BLOCK_R, BLOCK_C] tile
 NUM_WARPS = 8  # 16 elements per thread: the backward's fp32 temporaries (fp64 in tests) stay in registers
 MAX_BLOCK_C = 64  # 128 B of bf16 channels per row segment: coalesced channels_last loads
@@ -261,10 +263,6 @@ def _same_layout(t: torch.Tensor, g: _Geometry) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last if g.channels_last else torch.contiguous_format)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _operands(rstd: torch.Tensor, weight, bias, input_bias) -> tuple[list[torch.Tensor], dict]:
     """The optional per-channel operands and their HAS_ flags; an absent one is passed as rstd,
     which its flag keeps the kernel from reading."""
@@ -277,7 +275,7 @@ def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean, M2 = sum of squared deviations) of x, in the accumulation dtype."""
     g = _geometry(x)
     per, chunks = g.chunks()
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     mean_p, m2_p = x.new_empty(chunks, g.c, dtype=acc), x.new_empty(chunks, g.c, dtype=acc)
     _bn_stats_kernel[(chunks, g.c_blocks)](x, mean_p, m2_p, g.rows, g.c, g.hw, per, **g.meta)
     mean, m2 = x.new_empty(g.c, dtype=acc), x.new_empty(g.c, dtype=acc)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dtypes import tl_acc
+
 BLOCK = 1024  # 8 elements per thread at 4 warps: one 16-byte load of bf16
 
 
@@ -96,10 +98,6 @@ def _bias_act_bwd_kernel(GY, Y, GX, n, slope: tl.float64, ACT: tl.constexpr, ACC
     tl.store(GX + start + lanes, g.to(GX.dtype.element_ty), mask=mask)
 
 
-def _acc(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _inner(x: torch.Tensor) -> int:
     """Elements of one channel's run in x's memory: x[0, 0].numel() if contiguous, else 1
     (channels-last, the only other layout the op hands over)."""
@@ -116,7 +114,7 @@ def bias_act_fwd(x: torch.Tensor, bias: torch.Tensor | None, activation: str, sl
         return y
     _bias_act_fwd_kernel[(triton.cdiv(n, BLOCK),)](
         x, x if bias is None else bias, y, n, x.shape[1], _inner(x), slope,
-        HAS_BIAS=bias is not None, ACT=activation, ACC=_acc(x.dtype), BLOCK=BLOCK,
+        HAS_BIAS=bias is not None, ACT=activation, ACC=tl_acc(x.dtype), BLOCK=BLOCK,
     )
     return y
 
@@ -128,6 +126,6 @@ def bias_act_bwd(gy: torch.Tensor, y: torch.Tensor, activation: str, slope: floa
     if n == 0:
         return gx
     _bias_act_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-        gy, y, gx, n, slope, ACT=activation, ACC=_acc(y.dtype), BLOCK=BLOCK,
+        gy, y, gx, n, slope, ACT=activation, ACC=tl_acc(y.dtype), BLOCK=BLOCK,
     )
     return gx

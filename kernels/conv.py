@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ehm_fast.nn._graph import memory_format_of
+from ehm_fast.ops.contract import acc_dtype
 
 ACTIVATIONS = ("linear", "relu", "lrelu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import, so fixed here too
@@ -339,7 +340,7 @@ def _like(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _stat_buffers(tiles: int, channels: int, like: torch.Tensor, stats: bool) -> tuple[torch.Tensor, ...]:
-    acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(like.dtype)
     if not stats:
         dummy = like.new_empty(0, dtype=acc)
         return dummy, dummy, dummy

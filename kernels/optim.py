@@ -18,13 +18,13 @@ import triton.language as tl
 
 from ehm_fast.ops.contract import acc_dtype
 
+from ._dtypes import TL_TYPES, tl_acc
+
 CHUNK = 1 << 16  # elements per program, as csrc/optim.h's kOptimChunk
 BLOCK = 1024
 LISTS = 7  # param, grad, ref_grad, anchor, state1, state2, direction
 
 Tensors = Sequence[torch.Tensor]  # an empty one: that list is absent
-_TL_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-             torch.float64: tl.float64}
 
 
 def optim_chunk_size() -> int:
@@ -190,7 +190,7 @@ def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], **con
     f64 = params[0].dtype == torch.float64
     kernel[(len(work_t),)](ptrs, scal, sizes_d, work_t_d, work_s_d, n, CHUNK=CHUNK, F64=f64,
                            BF16=params[0].dtype == torch.bfloat16,
-                           P_TY=_TL_TYPES[params[0].dtype], ACC=_TL_TYPES[acc_dtype(params[0].dtype)], BLOCK=BLOCK,
+                           P_TY=TL_TYPES[params[0].dtype], ACC=tl_acc(params[0].dtype), BLOCK=BLOCK,
                            **constexprs)
 
 
@@ -199,7 +199,7 @@ def _check(lists: list[list[torch.Tensor]], names: tuple[str, ...]) -> None:
     if not params:
         raise ValueError("ehm_fast: params is empty")
     p0 = params[0]
-    if p0.dtype not in _TL_TYPES:
+    if p0.dtype not in TL_TYPES:
         raise TypeError(f"ehm_fast: unsupported dtype {p0.dtype} (expected a floating type)")
     state = acc_dtype(p0.dtype)
     for k, (name, items) in enumerate(zip(names, lists)):

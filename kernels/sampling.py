@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dtypes import tl_acc
+
 MAX_BLOCK = 2048
 
 
@@ -91,10 +93,6 @@ def _mala_step_kernel(X, GF, GLP, F, LP, LOGW, EPS, ALPHA_SUM,
                 tl.store(OUT + base + idx, out, mask=mask)
 
 
-def _acc(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def mala_step(x: torch.Tensor, gf: torch.Tensor, glp: torch.Tensor, f: torch.Tensor, lp: torch.Tensor,
               log_w: torch.Tensor, eps: torch.Tensor, alpha_sum: torch.Tensor,
               xp: torch.Tensor | None, gfp: torch.Tensor | None, glpp: torch.Tensor | None,
@@ -113,7 +111,7 @@ def mala_step(x: torch.Tensor, gf: torch.Tensor, glp: torch.Tensor, f: torch.Ten
         x, gf, glp, f, lp, log_w, eps, alpha_sum,
         xp if accept else x, gfp if accept else gf, glpp if accept else glp, fp if accept else f,
         lpp if accept else lp, log_u if accept else f, noise if propose else x, out if propose else x,
-        d, b, b_next, gain, target, ACCEPT=accept, PROPOSE=propose, ACC=_acc(x.dtype), BLOCK=block,
+        d, b, b_next, gain, target, ACCEPT=accept, PROPOSE=propose, ACC=tl_acc(x.dtype), BLOCK=block,
         num_warps=8 if block >= MAX_BLOCK else 4,  # 8 elements per thread per array: no spills in fp64
     )
     return out

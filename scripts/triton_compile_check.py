@@ -36,6 +36,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 
 from ehm_fast import kernels as K  # noqa: E402
 from ehm_fast.nn.bias_act import ACTIVATIONS as BIAS_ACTIVATIONS  # noqa: E402
+from ehm_fast.ops.contract import acc_dtype  # noqa: E402
 
 
 @dataclass
@@ -134,7 +135,7 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
 
         for rows, d in (img, big_img, (1, 1)):
             x = torch.empty(rows, d, dtype=dt)
-            scale = torch.empty(d, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            scale = torch.empty(d, dtype=acc_dtype(dt))
             for kind in (0, 1, 2):
                 def run(x=x, scale=scale, kind=kind):
                     ls = None if kind == 2 else scale
@@ -175,7 +176,7 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
             x = torch.empty(shape, dtype=dt)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            bias = torch.empty(shape[1], dtype=torch.float64 if dt == torch.float64 else torch.float32)
+            bias = torch.empty(shape[1], dtype=acc_dtype(dt))
             for act in BIAS_ACTIVATIONS:
                 def run_bias_act(x=x, bias=bias, act=act):
                     K.bias_act_fwd(x, bias, act, 0.2)
@@ -185,7 +186,7 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
 
         shapes = [(3, 5), (70000,), (1,)] if not quick else [(3, 5)]
         params = [torch.empty(s, dtype=dt) for s in shapes]
-        st = torch.float64 if dt == torch.float64 else torch.float32
+        st = acc_dtype(dt)
         state = [torch.empty(s, dtype=st) for s in shapes]
 
         def run_optim(params=params, state=state):
@@ -205,7 +206,7 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
     # sizes, both layouts, each activation, with and without affine parameters; forward, backward
     # with batch statistics and with running ones
     def bn_job(x, act, affine):
-        vec = torch.empty(x.shape[1], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        vec = torch.empty(x.shape[1], dtype=acc_dtype(x.dtype))
         p = vec if affine else None
 
         def run():

@@ -180,3 +180,13 @@ def test_the_kernels_package_is_the_top_level_folder():
     root = Path(ehm_fast.__file__).resolve().parents[1]
     assert not (root / "ehm_fast" / "kernels").exists()
     assert Path(ehm_fast.kernels.__file__).resolve() == root / "kernels" / "__init__.py"
+
+
+def test_the_accumulation_dtype_rule_is_defined_once():
+    """Everyone asks ehm_fast.ops.contract.acc_dtype (Triton code: kernels/_dtypes.tl_acc)."""
+    root = Path(__file__).resolve().parents[1]
+    rule = re.compile(r"float64 if .+ else (torch|tl)\.float32")
+    copies = [f"{path.relative_to(root)}:{i}" for folder in ("ehm_fast", "kernels", "scripts", "benchmarks")
+              for path in sorted((root / folder).rglob("*.py"))
+              for i, line in enumerate(path.read_text().splitlines(), 1) if rule.search(line)]
+    assert len(copies) == 1 and copies[0].startswith("ehm_fast/ops/contract.py:"), copies

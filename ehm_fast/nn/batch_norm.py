@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .._backend import resolve_layer
+from ..ops.contract import acc_dtype
 from ..ops.eager import eager, eager_op
 
 ACTIVATIONS = ("linear", "relu", "lrelu")
@@ -33,10 +34,6 @@ def _kernels() -> Any:
     from ehm_fast.kernels import batch_norm
 
     return batch_norm
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _per_channel(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -60,7 +57,7 @@ bn_stats_op = torch.library.custom_op("ehm_fast::bn_stats", _stats, mutates_args
 
 @bn_stats_op.register_fake
 def _(x):
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return x.new_empty(x.shape[1], dtype=acc), x.new_empty(x.shape[1], dtype=acc)
 
 
@@ -225,7 +222,7 @@ def _activate(t: Tensor, activation: str, slope: float) -> Tensor:
 
 def _reference(x: Tensor, weight, bias, running_mean, running_var, input_bias, training: bool, momentum, eps: float,
                activation: str, slope: float, group: Any, num_batches_tracked) -> Tensor:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     if input_bias is not None:
         xf = xf + _per_channel(input_bias, acc)
@@ -246,7 +243,7 @@ def _reference(x: Tensor, weight, bias, running_mean, running_var, input_bias, t
 
 def _fused(x: Tensor, weight, bias, running_mean, running_var, input_bias, training: bool, momentum, eps: float,
            activation: str, slope: float, group: Any, num_batches_tracked) -> Tensor:
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     count = None
     if training:
         stats = bn_stats_op if torch.compiler.is_compiling() else _stats

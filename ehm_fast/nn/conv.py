@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import resolve
+from ..ops.contract import acc_dtype
 from ._graph import gradient_nodes, memory_format_of, needed, trackable
 from .options import CONV_KERNELS
 
@@ -98,14 +99,10 @@ def _wgrad_kernel(dy: Tensor, x: Tensor, w: Tensor, stride: int, padding: int) -
     return _kernels().conv_wgrad(dy, x, w, stride, padding)
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _with_stats(result: tuple, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     y, mean, m2 = result
     if mean is None:  # a custom op returns tensors only, and none aliasing another
-        mean, m2 = (like.new_empty(0, dtype=_acc_dtype(like)) for _ in range(2))
+        mean, m2 = (like.new_empty(0, dtype=acc_dtype(like.dtype)) for _ in range(2))
     return y, mean, m2
 
 
@@ -117,7 +114,7 @@ conv_wgrad_op = torch.library.custom_op("ehm_fast::conv_wgrad", _wgrad_kernel, m
 def _fake(like: Tensor, shape: tuple[int, ...], stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     y = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
     n = shape[1] if stats else 0
-    return y, like.new_empty(n, dtype=_acc_dtype(like)), like.new_empty(n, dtype=_acc_dtype(like))
+    return y, like.new_empty(n, dtype=acc_dtype(like.dtype)), like.new_empty(n, dtype=acc_dtype(like.dtype))
 
 
 @conv_fwd_op.register_fake

@@ -40,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .conv import Geometry, _acc_dtype, _apply, _weight_grad
+from ..ops.contract import acc_dtype
+from .conv import Geometry, _apply, _weight_grad
 from .layers import LRELU_SLOPE, cast, compute_dtype
 
 _DIMS = (1, 2, 3)  # a layer norm's per-sample reduction
@@ -120,7 +121,7 @@ def _forward(plan: _Plan, x: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor
     the primal chain), mask, normalised activations, 1/sigma, df/d(pre-activation), df/d(norm
     output), then g and |g|). x and the weights in the compute dtype."""
     weights, affines, head_w = _unpack(plan, params)
-    dtype, acc, n_layers = x.dtype, _acc_dtype(x), len(weights)
+    dtype, acc, n_layers = x.dtype, acc_dtype(x.dtype), len(weights)
     hs, masks, stats = [], [], []
     h = x
     for w, affine, e in zip(weights, affines, plan.norm_eps):
@@ -252,7 +253,7 @@ def _operands(critic: nn.Module, x_hat: Tensor) -> tuple[Tensor, list[Tensor]]:
     """x_hat and the parameters in the compute dtype (the norm's affine stays fp32, as autocast
     keeps it), weights read from the layers' cache where it holds them."""
     dtype, opts = compute_dtype(x_hat), critic.body.layers
-    params = [cast(p, dtype, opts) if p.dim() == 4 else p.to(_acc_dtype(p)) for p in _flat_params(critic)]
+    params = [cast(p, dtype, opts) if p.dim() == 4 else p.to(acc_dtype(p.dtype)) for p in _flat_params(critic)]
     return x_hat.to(dtype), params
 
 

@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..ops.contract import acc_dtype
+
 
 def _direction(g: Tensor, ref: Tensor | None, anchor: Tensor | None, alpha: float, dtype: torch.dtype) -> Tensor:
     """v = (g - alpha g_ref) + alpha anchor: exactly g without a control variate, exactly the anchor
@@ -58,7 +60,7 @@ def cv_sgd_(params: Sequence[Tensor], grads: Sequence[Tensor], ref_grads: Sequen
             anchors: Sequence[Tensor], momentum_buffers: Sequence[Tensor], directions: Sequence[Tensor],
             alpha: float, lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
             first: bool) -> None:
-    state_dtype = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
+    state_dtype = acc_dtype(params[0].dtype) if params else torch.float32
     for i, p in enumerate(params):
         param = _param_in(p, state_dtype)
         d = _direction(grads[i], ref_grads[i] if ref_grads else None, anchors[i] if anchors else None, alpha,
