@@ -52,6 +52,16 @@ def test_bench_train_has_a_row_per_layer_lever():
     assert names[names.index("3 ehm_fast") + 1:][:len(levers)] == levers
 
 
+def test_bench_train_rows_on_the_cpu_are_what_runs_there(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    bench_train.main(["--quick", "--device", "cpu", "--rows", "2", "--rows", "4 ehm_fast -bf16"])
+    out = capsys.readouterr().out
+    assert "skipped on the CPU (what it switches off is off there): 4 ehm_fast -bf16" in out
+    assert [r["row"] for r in _results(tmp_path, "train")[1:]] == ["2 plain+bf16+cl"]
+    numbers = [int(name.split()[0]) for name, _, _ in bench_train.ROWS]
+    assert numbers == sorted(numbers)  # the table reads in row order
+
+
 def test_profile_train_quick(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "RESULTS", tmp_path)  # traces and results go here, not into the repository
     profile_train.main(["--quick", "--device", "cpu"])
