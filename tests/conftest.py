@@ -90,3 +90,18 @@ def pytest_runtest_makereport(item, call):
     if report.failed and seed is not None:
         report.sections.append(("random seed", f"{SEED_VAR}={seed} replays this test"))
     return report
+
+
+_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_setting_kept():
+    """A test that leaves TRITON_INTERPRET changed would silently skip the Triton tests after it."""
+    yield
+    now = os.environ.get("TRITON_INTERPRET")
+    if now != _INTERPRET_AT_START:
+        os.environ.pop("TRITON_INTERPRET", None)
+        if _INTERPRET_AT_START is not None:
+            os.environ["TRITON_INTERPRET"] = _INTERPRET_AT_START
+        pytest.fail(f"the test changed TRITON_INTERPRET ({_INTERPRET_AT_START!r} -> {now!r})")

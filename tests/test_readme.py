@@ -223,6 +223,13 @@ def _python(words, ws, monkeypatch):
     script = ROOT / words[0]
     assert script.suffix == ".py" and script.exists(), words[0]
     assert script.parent.name in ("benchmarks", "scripts"), words[0]
+    if script.parent.name == "scripts":
+        # build and diagnostic tools set up triton for themselves at import (the compile check
+        # unsets TRITON_INTERPRET before triton starts): their own process, flags checked by argparse
+        parser = subprocess.run([sys.executable, str(script), *words[1:], "--help"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+        assert parser.returncode == 0 and "usage:" in parser.stdout, parser.stderr[-2000:]
+        return "parsed"
     _parse_only(monkeypatch)
     monkeypatch.setattr(sys, "argv", [str(script)] + words[1:])
     monkeypatch.syspath_prepend(str(ROOT))
