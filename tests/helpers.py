@@ -1,9 +1,9 @@
-"""Small utilities shared by the kernel tests."""
+"""Small utilities shared by the tests."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -33,3 +33,29 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, tol:
     if finite.any():
         err = rel_err(actual[finite], expected[finite])
         assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.3g}"
+
+
+def aot_graph_capture() -> tuple[list[str], Callable]:
+    """(graphs, backend): a torch.compile backend that keeps the text of every forward and backward
+    graph aot_autograd makes (to check which ops a compiled function reaches), then runs them."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs: list[str] = []
+
+    def capture(gm: Any, example_inputs: Any) -> Any:
+        def keep(graph_module: Any, _: Any) -> Any:
+            graphs.append(str(graph_module.graph))
+            return make_boxed_func(graph_module)
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    return graphs, capture
+
+
+def run_cli(fn: Callable[[list[str]], int], args: list[str], capsys: Any) -> tuple[int, str]:
+    """A CLI's exit code (argparse's SystemExit included) and what it wrote to stderr."""
+    try:
+        code = fn(args)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    return code, capsys.readouterr().err

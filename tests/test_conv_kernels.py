@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import _skip_reason
-from helpers import poisoned_memory, rel_err
+from helpers import aot_graph_capture, poisoned_memory, rel_err
 
 from ehm_fast.nn import conv2d, conv_transpose2d
 from ehm_fast.nn.layers import LayerOptions
@@ -184,16 +184,7 @@ def test_custom_ops_pass_opcheck():
 
 def test_compiles_to_the_custom_ops():
     """torch.compile (fullgraph) traces forward, input and weight gradients into the custom ops."""
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-
-    graphs = []
-
-    def capture(gm, example_inputs):
-        def keep(graph_module, _):
-            graphs.append(str(graph_module.graph))
-            return make_boxed_func(graph_module)
-        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+    graphs, capture = aot_graph_capture()
 
     def f(x, w, b):
         return conv2d(x, w, b, 2, 1, kernel="triton")

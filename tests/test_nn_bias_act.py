@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ehm_fast import _backend
 from ehm_fast.nn.bias_act import ACTIVATIONS, bias_act, bias_act_bwd, bias_act_fwd, bias_act_reference
-from helpers import assert_close_to_reference, rel_err
+from helpers import aot_graph_capture, assert_close_to_reference, rel_err
 
 PAIRS = [("torch", "cpu"), ("triton", "cpu"), ("triton", "cuda")]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}
@@ -268,16 +268,7 @@ def test_compiles_to_the_custom_ops(seed):
     """Under torch.compile the Functions trace (fullgraph) into the custom ops, with equal results."""
     if _skip_reason("triton", "cpu"):
         pytest.skip("triton cannot run here")
-    from torch._functorch.aot_autograd import aot_module_simplified
-    from functorch.compile import make_boxed_func
-
-    graphs = []
-
-    def capture(gm, example_inputs):
-        def keep(graph_module, _):
-            graphs.append(str(graph_module.graph))
-            return make_boxed_func(graph_module)
-        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+    graphs, capture = aot_graph_capture()
 
     def f(x, b):
         return bias_act(x, b, activation="lrelu", slope=SLOPE, backend="triton")

@@ -17,6 +17,7 @@ from ehm_fast import sample, train
 from ehm_fast.models import EHMModels
 from ehm_fast.sampling import ais_log_partition, langevin_latent, linear_schedule, mala_step
 from ehm_fast.sampling import langevin as langevin_module
+from helpers import run_cli
 
 HAS_CUDA = torch.cuda.is_available()
 Z_SIGMAS = 5.0  # a statistical check fails at 5 standard errors (about 1 run in 1.7 million per check)
@@ -343,14 +344,6 @@ def test_langevin_cuda_graph_matches_eager_and_is_reused():
 # ---------------------------------------------------------------------- ehm-sample --refine
 TINY = ["--width", "4", "--critic-width", "4", "--z-dim", "4", "--batch-size", "8", "--n-critic", "1",
         "--log-every", "1", "--sample-every", "100", "--ckpt-every", "100", "--n-samples", "4", "--device", "cpu"]
-
-
-def run_cli(fn, args, capsys):
-    try:
-        code = fn(args)
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_line_error(code, err, match):

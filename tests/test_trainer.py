@@ -20,6 +20,7 @@ from ehm_fast import runs, sample, train
 from ehm_fast.config import TrainConfig
 from ehm_fast.ehm import EHM
 from ehm_fast.models import EHMModels
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--width", "4", "--critic-width", "4", "--z-dim", "4", "--batch-size", "8", "--n-critic", "1",
@@ -32,14 +33,6 @@ def tiny_models(**kw):
 
 def real_batch(b=8):
     return torch.rand(b, 1, 32, 32) * 2 - 1
-
-
-def run_cli(fn, args, capsys):
-    try:
-        code = fn(args)
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_line_error(code, err):
