@@ -37,8 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ehm_fast.nn._graph import memory_format_of
-from ehm_fast.ops.contract import acc_dtype
+from ehm_fast.ops.contract import acc_dtype, memory_format_of
 
 ACTIVATIONS = ("linear", "relu", "lrelu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import, so fixed here too

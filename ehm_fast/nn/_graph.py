@@ -13,11 +13,6 @@ import torch
 from torch import Tensor
 
 
-def memory_format_of(t: Tensor) -> torch.memory_format:
-    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
 def trackable(t: Tensor | None) -> Tensor | None:
     """A view of a leaf that needs a gradient: autograd can say whether a backward will run a view's
     node, not a leaf's (under autograd.grad); the view costs no copy."""

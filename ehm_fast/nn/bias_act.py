@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import resolve_layer
-from ._graph import gradient_nodes, memory_format_of, needed, trackable
+from ..ops.contract import memory_format_of
+from ._graph import gradient_nodes, needed, trackable
 
 ACTIVATIONS = ("linear", "relu", "lrelu", "tanh")
 _CURVED = ("tanh",)  # act'(y) varies with y: the only activations whose gx has a y-derivative

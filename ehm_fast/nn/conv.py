@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import resolve
-from ..ops.contract import acc_dtype
-from ._graph import gradient_nodes, memory_format_of, needed, trackable
+from ..ops.contract import acc_dtype, memory_format_of
+from ._graph import gradient_nodes, needed, trackable
 from .options import CONV_KERNELS
 
 

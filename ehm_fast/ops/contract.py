@@ -22,3 +22,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype kernels accumulate in and keep their per-row statistics and optimizer state in:
     fp64 for fp64 inputs, fp32 for every other (fp32, bf16, fp16)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The layout a kernel reads t in and writes its result in: channels_last for a 4-d tensor
+    stored that way (and not also contiguous), else contiguous."""
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
