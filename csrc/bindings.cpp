@@ -34,10 +34,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cv_adam_", &ehm::cv_adam_, py::arg("params"), py::arg("grads"), py::arg("ref_grads"), py::arg("anchors"),
         py::arg("exp_avgs"), py::arg("exp_avg_sqs"), py::arg("directions"), py::arg("alpha"), py::arg("step"),
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-        py::arg("decoupled"), py::call_guard<py::gil_scoped_release>());
+        py::arg("decoupled"), py::arg("steps"), py::arg("found_inf"), py::call_guard<py::gil_scoped_release>());
   m.def("cv_sgd_", &ehm::cv_sgd_, py::arg("params"), py::arg("grads"), py::arg("ref_grads"), py::arg("anchors"),
         py::arg("momentum_buffers"), py::arg("directions"), py::arg("alpha"), py::arg("lr"), py::arg("momentum"),
-        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("first"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("first"), py::arg("found_inf"),
         py::call_guard<py::gil_scoped_release>());
   m.def("optim_chunk_size", [] { return ehm::kOptimChunk; });
 }

@@ -40,10 +40,12 @@ void cv_adam_(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
               const std::vector<at::Tensor>& ref_grads, const std::vector<at::Tensor>& anchors,
               const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
               const std::vector<at::Tensor>& directions, double alpha, int64_t step, double lr, double beta1,
-              double beta2, double eps, double weight_decay, bool decoupled);
+              double beta2, double eps, double weight_decay, bool decoupled, const std::vector<at::Tensor>& steps,
+              const std::optional<at::Tensor>& found_inf);
 void cv_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
              const std::vector<at::Tensor>& ref_grads, const std::vector<at::Tensor>& anchors,
              const std::vector<at::Tensor>& momentum_buffers, const std::vector<at::Tensor>& directions, double alpha,
-             double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool first);
+             double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool first,
+             const std::optional<at::Tensor>& found_inf);
 
 }  // namespace ehm

@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 
 #include "dtype.h"
@@ -22,7 +24,7 @@ namespace {
 // Raw pointers and sizes of the lists of one bucket; owns the arrays TensorLists points into.
 struct Gathered {
   std::vector<int64_t> sizes;
-  std::vector<void*> ptrs[7];
+  std::vector<void*> ptrs[8];
   TensorLists lists;
 };
 
@@ -70,11 +72,29 @@ void check_params(const std::vector<at::Tensor>& params) {
   dtype_of(p0);
 }
 
+// One 0-d float32 step count per parameter, on its device.
+void check_steps(const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& params) {
+  TORCH_CHECK(steps.size() == params.size(), "ehm_fast: steps has ", steps.size(), " tensors, params has ",
+              params.size());
+  for (size_t i = 0; i < steps.size(); ++i)
+    TORCH_CHECK(steps[i].dim() == 0 && steps[i].scalar_type() == at::kFloat && steps[i].device() == params[i].device(),
+                "ehm_fast: steps[", i, "] must be a 0-d float32 tensor on ", params[i].device());
+}
+
+const float* found_inf_ptr(const std::optional<at::Tensor>& found_inf, const at::Tensor& p0) {
+  if (!found_inf.has_value()) return nullptr;
+  const auto& f = *found_inf;
+  TORCH_CHECK(f.numel() == 1 && f.scalar_type() == at::kFloat && f.device() == p0.device(),
+              "ehm_fast: found_inf must be one float32 element on ", p0.device());
+  return f.data_ptr<float>();
+}
+
 // Which lists are present: ref_grads and anchors together, the rest as given.
 Gathered gather(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                 const std::vector<at::Tensor>& ref_grads, const std::vector<at::Tensor>& anchors,
                 const std::vector<at::Tensor>& state1, const std::vector<at::Tensor>& state2,
-                const std::vector<at::Tensor>& directions, bool need_state1, bool need_state2) {
+                const std::vector<at::Tensor>& directions, const std::vector<at::Tensor>& steps, bool need_state1,
+                bool need_state2) {
   check_params(params);
   const auto dtype = params[0].scalar_type();
   const auto acc = acc_type_of(params[0]);
@@ -87,14 +107,16 @@ Gathered gather(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   if (need_state1) check_list(state1, params, "state1", acc);
   if (need_state2) check_list(state2, params, "state2", acc);
   if (!directions.empty()) check_list(directions, params, "out_directions", acc);
+  if (!steps.empty()) check_steps(steps, params);
 
   Gathered g;
-  const std::vector<at::Tensor>* lists[7] = {&params, &grads, &ref_grads, &anchors, &state1, &state2, &directions};
-  const bool used[7] = {true,        true,        !ref_grads.empty(), !anchors.empty(),
-                        need_state1, need_state2, !directions.empty()};
+  const std::vector<at::Tensor>* lists[8] = {&params, &grads,  &ref_grads,  &anchors,
+                                             &state1, &state2, &directions, &steps};
+  const bool used[8] = {true,        true,        !ref_grads.empty(), !anchors.empty(),
+                        need_state1, need_state2, !directions.empty(), !steps.empty()};
   for (size_t i = 0; i < params.size(); ++i) {
     g.sizes.push_back(params[i].numel());
-    for (int k = 0; k < 7; ++k)
+    for (int k = 0; k < 8; ++k)
       if (used[k]) g.ptrs[k].push_back((*lists[k])[i].numel() ? (*lists[k])[i].data_ptr() : nullptr);
   }
   auto at_or_null = [&](int k) { return used[k] ? g.ptrs[k].data() : nullptr; };
@@ -107,6 +129,7 @@ Gathered gather(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   g.lists.state1 = at_or_null(4);
   g.lists.state2 = at_or_null(5);
   g.lists.direction = at_or_null(6);
+  g.lists.step = at_or_null(7);
   return g;
 }
 
@@ -133,12 +156,15 @@ void cv_adam_(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
               const std::vector<at::Tensor>& ref_grads, const std::vector<at::Tensor>& anchors,
               const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
               const std::vector<at::Tensor>& directions, double alpha, int64_t step, double lr, double beta1,
-              double beta2, double eps, double weight_decay, bool decoupled) {
-  TORCH_CHECK(step >= 1, "ehm_fast: step must be >= 1, got ", step);
-  const auto g = gather(params, grads, ref_grads, anchors, exp_avgs, exp_avg_sqs, directions, true, true);
-  // as torch.optim.Adam computes them, in double on the host
-  const double bc1 = 1 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1 - std::pow(beta2, static_cast<double>(step));
+              double beta2, double eps, double weight_decay, bool decoupled, const std::vector<at::Tensor>& steps,
+              const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(!steps.empty() || step >= 1, "ehm_fast: step must be >= 1, got ", step);
+  auto g = gather(params, grads, ref_grads, anchors, exp_avgs, exp_avg_sqs, directions, steps, true, true);
+  g.lists.found_inf = found_inf_ptr(found_inf, params[0]);
+  // as torch.optim.Adam computes them, in double on the host (or in the kernel from `steps`)
+  const double t = static_cast<double>(std::max<int64_t>(step, 1));
+  const double bc1 = 1 - std::pow(beta1, t);
+  const double bc2 = 1 - std::pow(beta2, t);
   const AdamScalars s{alpha, lr, beta1, beta2, eps, weight_decay, lr / bc1, std::pow(bc2, 0.5), decoupled};
   run(params[0], g.lists, s, cpu::cv_adam,
 #ifdef EHM_FAST_WITH_CUDA
@@ -152,9 +178,11 @@ void cv_adam_(const std::vector<at::Tensor>& params, const std::vector<at::Tenso
 void cv_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
              const std::vector<at::Tensor>& ref_grads, const std::vector<at::Tensor>& anchors,
              const std::vector<at::Tensor>& momentum_buffers, const std::vector<at::Tensor>& directions, double alpha,
-             double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool first) {
+             double lr, double momentum, double dampening, double weight_decay, bool nesterov, bool first,
+             const std::optional<at::Tensor>& found_inf) {
   const bool has_buf = momentum != 0;
-  const auto g = gather(params, grads, ref_grads, anchors, momentum_buffers, {}, directions, has_buf, false);
+  auto g = gather(params, grads, ref_grads, anchors, momentum_buffers, {}, directions, {}, has_buf, false);
+  g.lists.found_inf = found_inf_ptr(found_inf, params[0]);
   const SgdScalars s{alpha, lr, momentum, dampening, weight_decay, nesterov, first};
   run(params[0], g.lists, s, cpu::cv_sgd,
 #ifdef EHM_FAST_WITH_CUDA

@@ -10,6 +10,10 @@
 //
 // fed to Adam/AdamW (state1 = exp_avg, state2 = exp_avg_sq) or SGD (state1 = momentum buffer)
 // with torch.optim's semantics.
+//
+// Device-side step control (no host synchronisation, capturable in a CUDA graph): `step` holds a
+// float step count per tensor (the count after this update; Adam's bias corrections are then
+// computed from it in double), and where `found_inf` is nonzero no element changes.
 #pragma once
 #include "common.h"
 
@@ -28,6 +32,8 @@ struct TensorLists {
   void* const* state1 = nullptr;
   void* const* state2 = nullptr;
   void* const* direction = nullptr;  // null: v is not written out
+  const void* const* step = nullptr;  // float counts; null: AdamScalars' step_size and bias_correction2_sqrt
+  const float* found_inf = nullptr;   // null: never skip
 };
 
 // Typed element pointers of one tensor's lists (null where a list is absent); T is the parameter
@@ -41,12 +47,13 @@ struct TensorViews {
   A* s1;
   A* s2;
   A* dir;
+  const float* step;
 };
 
 struct AdamScalars {
   double alpha, lr, beta1, beta2, eps, weight_decay;
-  double step_size;               // lr / (1 - beta1^step)
-  double bias_correction2_sqrt;   // sqrt(1 - beta2^step)
+  double step_size;               // lr / (1 - beta1^step), unless TensorLists::step
+  double bias_correction2_sqrt;   // sqrt(1 - beta2^step), unless TensorLists::step
   bool decoupled;                 // AdamW
 };
 

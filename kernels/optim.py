@@ -3,8 +3,14 @@
 One launch per bucket: the addresses of every tensor list travel in one int64 table on the
 device (cast with tl.pointer_type in the kernel), beside a work list of (tensor, chunk start)
 pairs, one program per chunk; the double-precision scalars ride in the same table as bit
-patterns, so one host-to-device copy sets up the whole step. Square roots and divisions are
-IEEE-rounded (sqrt_rn, div_rn) to stay at torch.optim's rounding.
+patterns, so one host-to-device copy (from pinned memory, asynchronous) sets up the whole step.
+Square roots and divisions are IEEE-rounded (sqrt_rn, div_rn) to stay at torch.optim's rounding.
+
+Device-side step control, so that a step needs no host synchronisation and can be captured in a
+CUDA graph: Adam's step counts may be tensors (an eighth pointer row; the bias corrections are
+then computed in the kernel, in double), and a `found_inf` flag makes every program return
+without touching memory. A table built while a CUDA graph is being captured stays alive, since
+every replay of the graph copies it again.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from ._dtypes import TL_TYPES, tl_acc
 
 CHUNK = 1 << 16  # elements per program, as csrc/optim.h's kOptimChunk
 BLOCK = 1024
-LISTS = 7  # param, grad, ref_grad, anchor, state1, state2, direction
+LISTS = 8  # param, grad, ref_grad, anchor, state1, state2, direction, step count
 
 Tensors = Sequence[torch.Tensor]  # an empty one: that list is absent
 
@@ -42,14 +48,17 @@ def _scalar(TABLE, k, ACC: tl.constexpr):
 
 
 @triton.jit
-def _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr):
-    """This program's chunk [begin, end) and the 7 typed pointers of its tensor (param, grad,
-    ref_grad, anchor, state1, state2, direction)."""
+def _locate(TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr,
+            HAS_FOUND: tl.constexpr):
+    """This program's chunk [begin, end) (empty where found_inf is set), its tensor's index and
+    the 7 typed pointers of that tensor (param, grad, ref_grad, anchor, state1, state2, direction)."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(WORK_T + pid)
     begin = tl.load(WORK_S + pid)
     end = tl.minimum(tl.load(SIZES + t), begin + CHUNK)
-    return (begin, end, _ptr(TABLE, 0, t, n, P_TY), _ptr(TABLE, 1, t, n, P_TY), _ptr(TABLE, 2, t, n, P_TY),
+    if HAS_FOUND:
+        end = tl.where(tl.load(FOUND) != 0, begin, end)
+    return (begin, end, t, _ptr(TABLE, 0, t, n, P_TY), _ptr(TABLE, 1, t, n, P_TY), _ptr(TABLE, 2, t, n, P_TY),
             _ptr(TABLE, 3, t, n, ACC), _ptr(TABLE, 4, t, n, ACC), _ptr(TABLE, 5, t, n, ACC),
             _ptr(TABLE, 6, t, n, ACC))
 
@@ -106,11 +115,12 @@ def _load_block(P, G, GR, AN, D, off, end, alpha, HAS_CV: tl.constexpr, HAS_DIR:
 
 
 @triton.jit
-def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr,
+def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, F64: tl.constexpr,
                     BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
-                    HAS_DIR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
-    begin, end, p_ptr, g_ptr, gr_ptr, an_ptr, m_ptr, v_ptr, d_ptr = _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK,
-                                                                            P_TY, ACC)
+                    HAS_DIR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, HAS_FOUND: tl.constexpr,
+                    DEVICE_STEP: tl.constexpr, BLOCK: tl.constexpr):
+    begin, end, t, p_ptr, g_ptr, gr_ptr, an_ptr, m_ptr, v_ptr, d_ptr = _locate(
+        TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK, P_TY, ACC, HAS_FOUND)
     alpha = _scalar(SCALARS, 0, ACC)
     w1 = _scalar(SCALARS, 1, ACC)  # 1 - beta1
     beta2 = _scalar(SCALARS, 2, ACC)
@@ -118,8 +128,14 @@ def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexp
     eps = _scalar(SCALARS, 4, ACC)
     wd = _scalar(SCALARS, 5, ACC)
     decay = _scalar(SCALARS, 6, ACC)  # 1 - lr * weight_decay
-    neg_step = _scalar(SCALARS, 7, ACC)  # -lr / (1 - beta1^step)
-    bc2 = _scalar(SCALARS, 8, ACC)  # sqrt(1 - beta2^step)
+    if DEVICE_STEP:  # as torch.optim.Adam: 1 - beta^t in double, from this tensor's count t
+        count = tl.load(_ptr(TABLE, 7, t, n, tl.float32)).to(tl.float64)
+        bc1 = 1.0 - tl.exp2(count * _scalar(SCALARS, 9, tl.float64))  # log2(beta1)
+        neg_step = (-_scalar(SCALARS, 11, tl.float64) / bc1).to(ACC)  # lr
+        bc2 = tl.sqrt(1.0 - tl.exp2(count * _scalar(SCALARS, 10, tl.float64))).to(ACC)  # log2(beta2)
+    else:
+        neg_step = _scalar(SCALARS, 7, ACC)  # -lr / (1 - beta1^step)
+        bc2 = _scalar(SCALARS, 8, ACC)  # sqrt(1 - beta2^step)
     for off in range(begin, end, BLOCK):
         idx, mask, param, d = _load_block(p_ptr, g_ptr, gr_ptr, an_ptr, d_ptr, off, end, alpha, HAS_CV, HAS_DIR, ACC,
                                           BLOCK)
@@ -139,12 +155,12 @@ def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexp
 
 
 @triton.jit
-def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr, F64: tl.constexpr,
+def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, F64: tl.constexpr,
                    BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
                    HAS_DIR: tl.constexpr, HAS_BUF: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
-                   HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
-    begin, end, p_ptr, g_ptr, gr_ptr, an_ptr, b_ptr, _, d_ptr = _locate(TABLE, SIZES, WORK_T, WORK_S, n, CHUNK,
-                                                                        P_TY, ACC)
+                   HAS_WD: tl.constexpr, HAS_FOUND: tl.constexpr, BLOCK: tl.constexpr):
+    begin, end, _, p_ptr, g_ptr, gr_ptr, an_ptr, b_ptr, _, d_ptr = _locate(
+        TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK, P_TY, ACC, HAS_FOUND)
     alpha = _scalar(SCALARS, 0, ACC)
     neg_lr = _scalar(SCALARS, 1, ACC)
     mom = _scalar(SCALARS, 2, ACC)
@@ -168,9 +184,22 @@ def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, n, CHUNK: tl.constexpr
         tl.store(p_ptr + idx, _to_param(param + neg_lr * d, P_TY, BF16), mask=mask)
 
 
-def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], **constexprs) -> None:
+_CAPTURED_TABLES: list[torch.Tensor] = []  # host tables that captured CUDA graphs copy on every replay
+
+
+def _device_table(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return host.to(device)
+    pinned = host.pin_memory()
+    if torch.cuda.is_current_stream_capturing():
+        _CAPTURED_TABLES.append(pinned)
+    return pinned.to(device, non_blocking=True)
+
+
+def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], found_inf: torch.Tensor | None,
+            **constexprs) -> None:
     """Builds [pointers | sizes | tensor ids | chunk starts] and the scalars in one device table
-    and launches `kernel` with one program per chunk. `lists` holds 7 lists, empty where absent."""
+    and launches `kernel` with one program per chunk. `lists` holds 8 lists, empty where absent."""
     params = lists[0]
     n = len(params)
     sizes = [p.numel() for p in params]
@@ -185,13 +214,13 @@ def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], **con
     ints = [a for row in rows for a in row] + sizes + work_t + work_s
     host = torch.cat([torch.tensor(scalars, dtype=torch.float64).view(torch.int64),
                       torch.tensor(ints, dtype=torch.int64)])
-    table = host.to(params[0].device)
+    table = _device_table(host, params[0].device)
     scal, ptrs, sizes_d, work_t_d, work_s_d = table.split([len(scalars), LISTS * n, n, len(work_t), len(work_s)])
     f64 = params[0].dtype == torch.float64
-    kernel[(len(work_t),)](ptrs, scal, sizes_d, work_t_d, work_s_d, n, CHUNK=CHUNK, F64=f64,
-                           BF16=params[0].dtype == torch.bfloat16,
+    kernel[(len(work_t),)](ptrs, scal, sizes_d, work_t_d, work_s_d, scal if found_inf is None else found_inf, n,
+                           CHUNK=CHUNK, F64=f64, BF16=params[0].dtype == torch.bfloat16,
                            P_TY=TL_TYPES[params[0].dtype], ACC=tl_acc(params[0].dtype), BLOCK=BLOCK,
-                           **constexprs)
+                           HAS_FOUND=found_inf is not None, **constexprs)
 
 
 def _check(lists: list[list[torch.Tensor]], names: tuple[str, ...]) -> None:
@@ -207,37 +236,48 @@ def _check(lists: list[list[torch.Tensor]], names: tuple[str, ...]) -> None:
             continue
         if len(items) != len(params):
             raise ValueError(f"ehm_fast: {name} has {len(items)} tensors, params has {len(params)}")
-        want = p0.dtype if k < 3 else state
+        want = p0.dtype if k < 3 else torch.float32 if k == 7 else state
         for i, (x, p) in enumerate(zip(items, params)):
-            if x.device != p0.device or x.dtype != want or x.shape != p.shape:
-                raise ValueError(f"ehm_fast: {name}[{i}] must be {want} on {p0.device} with the shape of params[{i}], "
+            shape = () if k == 7 else p.shape
+            if x.device != p0.device or x.dtype != want or x.shape != shape:
+                raise ValueError(f"ehm_fast: {name}[{i}] must be {want} on {p0.device} with shape {tuple(shape)}, "
                                  f"got {x.dtype} on {x.device} with shape {tuple(x.shape)}")
+
+
+def _check_found(found_inf: torch.Tensor | None, device: torch.device) -> None:
+    if found_inf is not None and (found_inf.device != device or found_inf.numel() != 1):
+        raise ValueError(f"ehm_fast: found_inf must be one element on {device}, got {tuple(found_inf.shape)} on "
+                         f"{found_inf.device}")
 
 
 def cv_adam_(params: Tensors, grads: Tensors, ref_grads: Tensors, anchors: Tensors, exp_avgs: Tensors,
              exp_avg_sqs: Tensors, directions: Tensors, alpha: float, step: int, lr: float, beta1: float, beta2: float,
-             eps: float, weight_decay: float, decoupled: bool) -> None:
+             eps: float, weight_decay: float, decoupled: bool, steps: Tensors,
+             found_inf: torch.Tensor | None) -> None:
     lists = [list(params), list(grads), list(ref_grads), list(anchors), list(exp_avgs), list(exp_avg_sqs),
-             list(directions)]
-    _check(lists, ("params", "grads", "ref_grads", "anchors", "exp_avgs", "exp_avg_sqs", "out_directions"))
-    if step < 1:
+             list(directions), list(steps)]
+    _check(lists, ("params", "grads", "ref_grads", "anchors", "exp_avgs", "exp_avg_sqs", "out_directions", "steps"))
+    _check_found(found_inf, params[0].device)
+    if not steps and step < 1:
         raise ValueError(f"ehm_fast: step must be >= 1, got {step}")
-    # as torch.optim.Adam computes them, in double on the host
-    bc1 = 1 - beta1 ** float(step)
-    bc2 = 1 - beta2 ** float(step)
+    # as torch.optim.Adam computes them, in double on the host (or in the kernel from `steps`)
+    bc1 = 1 - beta1 ** float(max(step, 1))
+    bc2 = 1 - beta2 ** float(max(step, 1))
+    log2 = (lambda b: math.log2(b) if b > 0 else -math.inf)
     scalars = [alpha, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, 1 - lr * weight_decay, -(lr / bc1),
-               math.pow(bc2, 0.5)]
-    _launch(_cv_adam_kernel, lists, scalars, HAS_CV=bool(ref_grads), HAS_DIR=bool(directions),
-            DECOUPLED=bool(decoupled), HAS_WD=weight_decay != 0)
+               math.pow(bc2, 0.5), log2(beta1), log2(beta2), lr]
+    _launch(_cv_adam_kernel, lists, scalars, found_inf, HAS_CV=bool(ref_grads), HAS_DIR=bool(directions),
+            DECOUPLED=bool(decoupled), HAS_WD=weight_decay != 0, DEVICE_STEP=bool(steps))
 
 
 def cv_sgd_(params: Tensors, grads: Tensors, ref_grads: Tensors, anchors: Tensors, momentum_buffers: Tensors,
             directions: Tensors, alpha: float, lr: float, momentum: float, dampening: float, weight_decay: float,
-            nesterov: bool, first: bool) -> None:
+            nesterov: bool, first: bool, found_inf: torch.Tensor | None) -> None:
     has_buf = momentum != 0
     lists = [list(params), list(grads), list(ref_grads), list(anchors), list(momentum_buffers) if has_buf else [],
-             [], list(directions)]
-    _check(lists, ("params", "grads", "ref_grads", "anchors", "momentum_buffers", "", "out_directions"))
+             [], list(directions), []]
+    _check(lists, ("params", "grads", "ref_grads", "anchors", "momentum_buffers", "", "out_directions", ""))
+    _check_found(found_inf, params[0].device)
     scalars = [alpha, -lr, momentum, 1 - dampening, weight_decay]
-    _launch(_cv_sgd_kernel, lists, scalars, HAS_CV=bool(ref_grads), HAS_DIR=bool(directions), HAS_BUF=has_buf,
-            FIRST=bool(first), NESTEROV=bool(nesterov), HAS_WD=weight_decay != 0)
+    _launch(_cv_sgd_kernel, lists, scalars, found_inf, HAS_CV=bool(ref_grads), HAS_DIR=bool(directions),
+            HAS_BUF=has_buf, FIRST=bool(first), NESTEROV=bool(nesterov), HAS_WD=weight_decay != 0)

@@ -58,7 +58,7 @@ setup(name="ehm_probe_st", ext_modules=[CppExtension("ehm_probe_st", ["probe.cpp
 REAL_CALL = """
 p = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
 try:
-    C.cv_sgd_(p, [x.clone() for x in p], [], [], [], [], 0.0, 0.1, 0.0, 0.0, 0.0, False, False)
+    C.cv_sgd_(p, [x.clone() for x in p], [], [], [], [], 0.0, 0.1, 0.0, 0.0, 0.0, False, False, None)
 except RuntimeError as e:
     print("raised RuntimeError:", str(e).splitlines()[0])
 """

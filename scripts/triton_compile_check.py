@@ -189,17 +189,22 @@ def _workloads(quick: bool) -> list[tuple[str, callable]]:
         st = acc_dtype(dt)
         state = [torch.empty(s, dtype=st) for s in shapes]
 
-        def run_optim(params=params, state=state):
+        steps = [torch.empty((), dtype=torch.float32) for _ in shapes]
+        flag = torch.empty(1, dtype=torch.float32)
+
+        def run_optim(params=params, state=state, steps=steps, flag=flag):
             for cv in (False, True):
                 ref = params if cv else []
                 anc = state if cv else []
                 for dirs in ([], state):
                     for wd, dec in ((0.0, False), (0.1, False), (0.1, True)):
-                        K.cv_adam_(params, params, ref, anc, state, state, dirs, 1.0, 3, 1e-3, 0.9, 0.999, 1e-8, wd,
-                                   dec)
+                        for counts, found in (([], None), (steps, flag)):  # host step / device step and skip
+                            K.cv_adam_(params, params, ref, anc, state, state, dirs, 1.0, 3, 1e-3, 0.9, 0.999, 1e-8,
+                                       wd, dec, counts, found)
                     for mom, nest, first in ((0.0, False, False), (0.9, False, True), (0.9, True, False)):
-                        K.cv_sgd_(params, params, ref, anc, state if mom else [], dirs, 1.0, 0.1, mom, 0.0, 0.01,
-                                  nest, first)
+                        for found in (None, flag):
+                            K.cv_sgd_(params, params, ref, anc, state if mom else [], dirs, 1.0, 0.1, mom, 0.0, 0.01,
+                                      nest, first, found)
         jobs.append((f"optim {dt}", run_optim))
 
     # batch norm + activation: the DCGAN layers at batch 256 (bf16 channels_last on the GPU) and odd

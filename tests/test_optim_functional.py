@@ -123,6 +123,76 @@ def test_alpha_zero_is_torch_optim(backend_device, kind, with_cv):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_device_step_counts_equal_the_host_step(backend_device, dtype, decoupled):
+    """Step counts as tensors (read by the kernel, bias corrections in double there) give the
+    update of the host step: every state tensor equal to float32 rounding of the same formula."""
+    backend, device = backend_device
+    base = _lists(SMALL, dtype, device)
+    got, want = _clone(base), _clone(base)
+    counts = [torch.zeros((), device=device) for _ in SMALL]
+    for step in (1, 2, 3, 1000):
+        for c in counts:
+            c.fill_(step)
+        kw = dict(alpha=0.6, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.05, decoupled=decoupled)
+        F.cv_adam_(*got.values(), step=counts, **kw, backend=backend)
+        F.cv_adam_(*want.values(), step=step, **kw, backend=backend)
+    _assert_params_close(got["params"], want["params"], dtype)
+    for k in ("exp_avgs", "exp_avg_sqs"):
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-7)
+
+
+def _untouched(before: dict, after: dict) -> None:
+    for k in before:
+        for b, a in zip(before[k], after[k]):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a.nan_to_num(), b.nan_to_num()), k
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_found_inf_skips_the_whole_update(backend_device, kind):
+    """found_inf = 1 leaves parameters, state and directions bit for bit as they were (a NaN
+    gradient included); found_inf = 0 is the update without the flag, bit for bit."""
+    backend, device = backend_device
+    base = _lists(SMALL, torch.float32, device)
+    base["grads"][-1][0] = float("nan")
+    dirs = [torch.full(s, 7.0, device=device) for s in SMALL]
+    counts = [torch.full((), 3.0, device=device) for _ in SMALL]
+
+    def update(lists, directions, found, **kw):
+        if kind == "adam":
+            F.cv_adam_(*lists.values(), alpha=0.5, step=counts, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                       out_directions=directions, found_inf=found, backend=backend)
+        else:
+            bufs = list(lists["exp_avgs"])  # existing momentum buffers
+            F.cv_sgd_(lists["params"], lists["grads"], lists["ref_grads"], lists["anchors"], bufs, alpha=0.5, lr=0.1,
+                      momentum=0.9, out_directions=directions, found_inf=found, backend=backend)
+
+    skipped, skipped_dirs = _clone(base), [d.clone() for d in dirs]
+    update(skipped, skipped_dirs, torch.ones(1, device=device))
+    _untouched({**base, "dirs": dirs}, {**skipped, "dirs": skipped_dirs})
+    flagged, flagged_dirs = _clone(base), [d.clone() for d in dirs]
+    plain, plain_dirs = _clone(base), [d.clone() for d in dirs]
+    update(flagged, flagged_dirs, torch.zeros(1, device=device))
+    update(plain, plain_dirs, None)
+    _untouched({**plain, "dirs": plain_dirs}, {**flagged, "dirs": flagged_dirs})
+    assert not torch.equal(flagged["params"][1], base["params"][1]), "the update ran"
+
+
+def test_error_device_step_and_found_inf():
+    x = _one()
+    kw = _adam_kw()
+    kw.pop("step")
+    with pytest.raises(TypeError, match=r"step\[0\] must be a 0-d float32 tensor"):
+        F.cv_adam_(*x.values(), step=[torch.tensor(1.0, dtype=torch.float64)], **kw)
+    with pytest.raises(ValueError, match="step has 2 tensors, params has 1"):
+        F.cv_adam_(*x.values(), step=[torch.tensor(1.0)] * 2, **kw)
+    with pytest.raises(TypeError, match="found_inf must be a one-element float32 tensor"):
+        F.cv_adam_(*x.values(), step=1, found_inf=torch.zeros(2), **kw)
+    with pytest.raises(ValueError, match="found_inf is on meta"):
+        F.cv_sgd_(x["params"], x["grads"], None, None, None, alpha=0.0, lr=0.1, found_inf=torch.zeros(1, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_direction_exact_cases(backend_device, dtype):
     """g == g_ref with alpha = 1 gives v = anchor exactly (SVRG at its snapshot); alpha = 0 gives v = g."""
     backend, device = backend_device
@@ -256,7 +326,7 @@ def test_error_layout_for_kernels():
     want = _clone(x)
     F.cv_adam_(*x.values(), **_adam_kw(), backend="torch")  # the reference takes any layout
     reference.cv_adam_(*(want[k] for k in ("params", "grads", "ref_grads", "anchors", "exp_avgs", "exp_avg_sqs")),
-                       [], 1.0, 1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False)
+                       [], 1.0, 1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, [], None)
     torch.testing.assert_close(x["params"], want["params"])
 
 
@@ -269,7 +339,7 @@ def test_compiled_entry_rejects_mixed_bucket():
 from ehm_fast import _C
 p = [torch.randn(3), torch.randn(3, dtype=torch.float64)]
 try:
-    _C.cv_sgd_(p, [x.clone() for x in p], [], [], [], [], 0.0, 0.1, 0.0, 0.0, 0.0, False, False)
+    _C.cv_sgd_(p, [x.clone() for x in p], [], [], [], [], 0.0, 0.1, 0.0, 0.0, 0.0, False, False, None)
 except RuntimeError as e:
     print(e)
 """

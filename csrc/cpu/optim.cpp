@@ -22,12 +22,14 @@ Views<T> views(const TensorLists& l, int64_t t) {
   return {static_cast<T*>(l.param[t]),        static_cast<const T*>(l.grad[t]),
           static_cast<const T*>(at(l.ref_grad)), static_cast<const A*>(at(l.anchor)),
           static_cast<A*>(at(l.state1)),       static_cast<A*>(at(l.state2)),
-          static_cast<A*>(at(l.direction))};
+          static_cast<A*>(at(l.direction)),   static_cast<const float*>(at(l.step))};
 }
 
-// Calls body(views, begin, end) for every chunk of every non-empty tensor, chunks in parallel.
+// Calls body(views, begin, end) for every chunk of every non-empty tensor, chunks in parallel;
+// nothing where found_inf is set (a CPU tensor: read here).
 template <typename T, typename Body>
 void for_each_chunk(const TensorLists& l, Body body) {
+  if (l.found_inf && *l.found_inf != 0.0f) return;
   std::vector<std::pair<int64_t, int64_t>> work;  // (tensor, first element)
   int64_t total = 0;
   for (int64_t t = 0; t < l.n; ++t) {
@@ -50,13 +52,23 @@ inline A direction_at(const Views<T>& x, int64_t i, A alpha) {
   return (g - alpha * static_cast<A>(x.gr[i])) + alpha * x.an[i];
 }
 
+// (lr / (1 - beta1^t), sqrt(1 - beta2^t)) in double, as torch.optim.Adam computes them: from the
+// tensor's own count when there is one.
+inline std::pair<double, double> bias_corrections(const AdamScalars& s, const float* step) {
+  if (!step) return {s.step_size, s.bias_correction2_sqrt};
+  const double t = *step;
+  return {s.lr / (1 - std::pow(s.beta1, t)), std::pow(1 - std::pow(s.beta2, t), 0.5)};
+}
+
 template <typename T>
 void adam(const TensorLists& l, const AdamScalars& s) {
   using A = acc_t<T>;
   const A alpha = A(s.alpha), wd = A(s.weight_decay), eps = A(s.eps), beta2 = A(s.beta2);
   const A one_minus_beta1 = A(1 - s.beta1), one_minus_beta2 = A(1 - s.beta2);
-  const A decay = A(1 - s.lr * s.weight_decay), neg_step = A(-s.step_size), bc2 = A(s.bias_correction2_sqrt);
+  const A decay = A(1 - s.lr * s.weight_decay);
   for_each_chunk<T>(l, [&](const Views<T>& x, int64_t begin, int64_t end) {
+    const auto [step_size, bc2_sqrt] = bias_corrections(s, x.step);
+    const A neg_step = A(-step_size), bc2 = A(bc2_sqrt);
     A* m = x.s1;
     A* v2 = x.s2;
     for (int64_t i = begin; i < end; ++i) {

@@ -3,6 +3,8 @@
 // argument block (as apex's / PyTorch's MultiTensorApply do); a bucket with more tensors or
 // chunks than fit is launched several times. Square roots and divisions are IEEE-rounded
 // (__fsqrt_rn, __fdiv_rn) whatever --use_fast_math says, to stay at torch.optim's rounding.
+// Step counts and found_inf are read on the device (optim.h), so a launch needs nothing from the
+// host but its argument block and can be captured in a CUDA graph.
 #include "cuda/scalar.cuh"
 #include "optim.h"
 
@@ -13,15 +15,16 @@ constexpr int kThreads = 512;
 constexpr int kMaxTensors = 24;
 constexpr int kMaxBlocks = 320;
 
-// 7 * 24 * 8 + 24 * 8 + 320 * 5 bytes: about 3.1 KB, under the classic 4 KB argument limit.
+// 8 * 24 * 8 + 24 * 8 + 320 * 5 + 8 bytes: about 3.3 KB, under the classic 4 KB argument limit.
 struct Table {
-  void* ptr[7][kMaxTensors];  // param, grad, ref_grad, anchor, state1, state2, direction
+  void* ptr[8][kMaxTensors];  // param, grad, ref_grad, anchor, state1, state2, direction, step count
+  const float* found_inf;
   int64_t size[kMaxTensors];
   int chunk[kMaxBlocks];
   unsigned char tensor[kMaxBlocks];
 };
 
-enum Slot { kParam, kGrad, kRef, kAnchor, kState1, kState2, kDir };
+enum Slot { kParam, kGrad, kRef, kAnchor, kState1, kState2, kDir, kStep, kSlots };
 
 __device__ __forceinline__ float ieee_sqrt(float x) { return __fsqrt_rn(x); }
 __device__ __forceinline__ double ieee_sqrt(double x) { return sqrt(x); }
@@ -51,8 +54,9 @@ __device__ __forceinline__ Chunk<T> chunk_of(const Table& tab) {
   c.s1 = static_cast<A*>(tab.ptr[kState1][t]);
   c.s2 = static_cast<A*>(tab.ptr[kState2][t]);
   c.dir = static_cast<A*>(tab.ptr[kDir][t]);
+  c.step = static_cast<const float*>(tab.ptr[kStep][t]);
   c.begin = begin;
-  c.end = end;
+  c.end = (tab.found_inf && *tab.found_inf != 0.0f) ? begin : end;
   return c;
 }
 
@@ -69,7 +73,14 @@ __global__ void __launch_bounds__(kThreads) adam_kernel(Table tab, AdamScalars s
   const Chunk<T> c = chunk_of<T>(tab);
   const A alpha = A(s.alpha), wd = A(s.weight_decay), eps = A(s.eps), beta2 = A(s.beta2);
   const A w1 = A(1 - s.beta1), w2 = A(1 - s.beta2);
-  const A decay = A(1 - s.lr * s.weight_decay), neg_step = A(-s.step_size), bc2 = A(s.bias_correction2_sqrt);
+  const A decay = A(1 - s.lr * s.weight_decay);
+  double step_size = s.step_size, bc2_sqrt = s.bias_correction2_sqrt;
+  if (c.step) {  // as torch.optim.Adam: in double, from this tensor's count
+    const double t = *c.step;
+    step_size = s.lr / (1 - pow(s.beta1, t));
+    bc2_sqrt = pow(1 - pow(s.beta2, t), 0.5);
+  }
+  const A neg_step = A(-step_size), bc2 = A(bc2_sqrt);
   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += kThreads) {
     A param = to_acc(c.p[i]);
     A d = direction_at(c, i, alpha, f.cv);
@@ -111,13 +122,14 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(Table tab, SgdScalars s, 
 // Packs tensors and their chunks into tables and calls launch(table, blocks) whenever one is full.
 template <typename Launch>
 void for_each_table(const TensorLists& l, Launch launch) {
-  const void* const* lists[7] = {l.param, l.grad, l.ref_grad, l.anchor, l.state1, l.state2, l.direction};
+  const void* const* lists[kSlots] = {l.param, l.grad, l.ref_grad, l.anchor, l.state1, l.state2, l.direction, l.step};
   Table tab{};
+  tab.found_inf = l.found_inf;
   int tensors = 0, blocks = 0;
   for (int64_t t = 0; t < l.n; ++t) {
     if (l.sizes[t] == 0) continue;
     int slot = tensors++;
-    for (int k = 0; k < 7; ++k) tab.ptr[k][slot] = lists[k] ? const_cast<void*>(lists[k][t]) : nullptr;
+    for (int k = 0; k < kSlots; ++k) tab.ptr[k][slot] = lists[k] ? const_cast<void*>(lists[k][t]) : nullptr;
     tab.size[slot] = l.sizes[t];
     const int64_t chunks = (l.sizes[t] + kOptimChunk - 1) / kOptimChunk;
     for (int64_t c = 0; c < chunks; ++c) {
@@ -131,7 +143,7 @@ void for_each_table(const TensorLists& l, Launch launch) {
         if (last_chunk) {
           tensors = 0;
         } else {  // the tensor goes on in the next table, in slot 0
-          for (int k = 0; k < 7; ++k) tab.ptr[k][0] = tab.ptr[k][slot];
+          for (int k = 0; k < kSlots; ++k) tab.ptr[k][0] = tab.ptr[k][slot];
           tab.size[0] = tab.size[slot];
           slot = 0;  // its remaining chunks must name slot 0, which the next tensors do not reuse
           tensors = 1;

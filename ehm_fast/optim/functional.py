@@ -11,6 +11,12 @@ optimizer state and out_directions are fp32 (fp64 for fp64 parameters).
 Every argument is checked before any tensor is touched; the lists are then split into buckets of
 one (device, dtype), each updated by one call of the chosen backend (one kernel launch on the GPU
 for up to a few dozen tensors, a single launch with Triton).
+
+No host synchronisation: Adam's `step` may be a list of step-count tensors (0-d float32, one per
+parameter on its device, holding the count after this update), and with `found_inf` (a one-element
+float32 tensor on the parameters' device) nothing changes where it is nonzero, as torch's fused
+Adam does with GradScaler's flag. Both are read by the kernels, so an update can be captured in a
+CUDA graph.
 """
 
 from __future__ import annotations
@@ -154,32 +160,37 @@ def _pick(items: Optional[TensorList], idx: list[int]) -> list[Tensor]:
 
 
 def cv_adam_(params: TensorList, grads: TensorList, ref_grads: Optional[TensorList], anchors: Optional[TensorList],
-             exp_avgs: TensorList, exp_avg_sqs: TensorList, *, alpha: float, step: int, lr: float, beta1: float,
-             beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
-             out_directions: Optional[TensorList] = None, backend: Optional[str] = None) -> None:
+             exp_avgs: TensorList, exp_avg_sqs: TensorList, *, alpha: float, step: int | TensorList, lr: float,
+             beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
+             out_directions: Optional[TensorList] = None, found_inf: Optional[Tensor] = None,
+             backend: Optional[str] = None) -> None:
     """Adam (decoupled=False) or AdamW (decoupled=True) on v = (g - alpha g_ref) + alpha anchor, in place.
 
-    `step` is the step number after this update (1 on the first call), as torch.optim.Adam counts.
-    out_directions (optional, may alias anchors) receives v.
+    `step` is the step number after this update (1 on the first call), as torch.optim.Adam counts:
+    an int, or one step-count tensor per parameter (read on the device). out_directions (optional,
+    may alias anchors) receives v. Where `found_inf` is nonzero nothing changes.
     """
     plan_adam(params, grads, ref_grads, anchors, exp_avgs, exp_avg_sqs, alpha=alpha, step=step, lr=lr, beta1=beta1,
               beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled, out_directions=out_directions,
-              backend=backend)()
+              found_inf=found_inf, backend=backend)()
 
 
 def cv_sgd_(params: TensorList, grads: TensorList, ref_grads: Optional[TensorList], anchors: Optional[TensorList],
             momentum_buffers: Optional[list], *, alpha: float, lr: float, momentum: float = 0.0,
             dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-            out_directions: Optional[TensorList] = None, backend: Optional[str] = None) -> None:
+            out_directions: Optional[TensorList] = None, found_inf: Optional[Tensor] = None,
+            backend: Optional[str] = None) -> None:
     """SGD (momentum, dampening, Nesterov, weight decay) on v = (g - alpha g_ref) + alpha anchor, in place.
 
     With momentum != 0, a None entry of `momentum_buffers` (a list) is replaced by a new buffer
     initialised to the direction, as torch.optim.SGD does on its first step; the list is updated
-    in place. out_directions (optional, may alias anchors) receives v.
+    in place. out_directions (optional, may alias anchors) receives v. Where `found_inf` is
+    nonzero nothing changes (a new momentum buffer is then left uninitialised: skip such a step on
+    the host instead).
     """
     plan_sgd(params, grads, ref_grads, anchors, momentum_buffers, alpha=alpha, lr=lr, momentum=momentum,
              dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, out_directions=out_directions,
-             backend=backend)()
+             found_inf=found_inf, backend=backend)()
 
 
 def _run_all(launches: list[Callable[[], None]]) -> Callable[[], None]:
@@ -191,10 +202,36 @@ def _run_all(launches: list[Callable[[], None]]) -> Callable[[], None]:
     return run
 
 
+def _check_found(found_inf: Optional[Tensor], params: list[Tensor]) -> None:
+    if found_inf is None:
+        return
+    if not isinstance(found_inf, Tensor) or found_inf.numel() != 1 or found_inf.dtype != torch.float32:
+        raise TypeError("found_inf must be a one-element float32 tensor (nonzero: skip the step)")
+    devices = {p.device for p in params}
+    if devices and devices != {found_inf.device}:
+        raise ValueError(f"found_inf is on {found_inf.device} but the parameters are on {sorted(map(str, devices))}")
+
+
+def _check_steps(step: int | TensorList, params: list[Tensor]) -> Optional[list[Tensor]]:
+    """None for an int step (checked), else the list of step-count tensors (checked)."""
+    if isinstance(step, (list, tuple)):
+        if len(step) != len(params):
+            raise ValueError(f"step has {len(step)} tensors, params has {len(params)}")
+        for i, (t, p) in enumerate(zip(step, params)):
+            if not isinstance(t, Tensor) or t.dim() != 0 or t.dtype != torch.float32 or t.device != p.device:
+                raise TypeError(f"step[{i}] must be a 0-d float32 tensor on {p.device} (params[{i}]'s device)")
+        return list(step)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the step count after this update) or a list of step-count "
+                         f"tensors, got {step!r}")
+    return None
+
+
 def plan_adam(params: TensorList, grads: TensorList, ref_grads: Optional[TensorList], anchors: Optional[TensorList],
-              exp_avgs: TensorList, exp_avg_sqs: TensorList, *, alpha: float, step: int, lr: float, beta1: float,
-              beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
-              out_directions: Optional[TensorList] = None, backend: Optional[str] = None) -> Callable[[], None]:
+              exp_avgs: TensorList, exp_avg_sqs: TensorList, *, alpha: float, step: int | TensorList, lr: float,
+              beta1: float, beta2: float, eps: float, weight_decay: float = 0.0, decoupled: bool = False,
+              out_directions: Optional[TensorList] = None, found_inf: Optional[Tensor] = None,
+              backend: Optional[str] = None) -> Callable[[], None]:
     """Checks every argument of cv_adam_ and returns the update, not yet run (so an optimizer can
     check all its groups before touching any tensor)."""
     lists = {"params": params, "grads": grads, "ref_grads": ref_grads, "anchors": anchors, "exp_avgs": exp_avgs,
@@ -205,21 +242,23 @@ def plan_adam(params: TensorList, grads: TensorList, ref_grads: Optional[TensorL
     _check_scalar("beta1", beta1, 0.0, 1.0)
     _check_scalar("beta2", beta2, 0.0, 1.0)
     _check_scalar("alpha", alpha, float("-inf"))
-    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
-        raise ValueError(f"step must be an int >= 1 (the step count after this update), got {step!r}")
-    scalars = (float(alpha), step, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-               bool(decoupled))
+    steps = _check_steps(step, params)
+    _check_found(found_inf, params)
+    scalars = (float(alpha), 1 if steps else step, float(lr), float(beta1), float(beta2), float(eps),
+               float(weight_decay), bool(decoupled))
     launches = []
     for name, idx in _buckets(params, backend, lists, exact):
         tensors = [_pick(lists[k], idx) for k in lists]
-        launches.append(lambda fn=_impl(name).cv_adam_, tensors=tensors: fn(*tensors, *scalars))
+        launches.append(lambda fn=_impl(name).cv_adam_, tensors=tensors, counts=_pick(steps, idx):
+                        fn(*tensors, *scalars, counts, found_inf))
     return _run_all(launches)
 
 
 def plan_sgd(params: TensorList, grads: TensorList, ref_grads: Optional[TensorList], anchors: Optional[TensorList],
              momentum_buffers: Optional[list], *, alpha: float, lr: float, momentum: float = 0.0,
              dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-             out_directions: Optional[TensorList] = None, backend: Optional[str] = None) -> Callable[[], None]:
+             out_directions: Optional[TensorList] = None, found_inf: Optional[Tensor] = None,
+             backend: Optional[str] = None) -> Callable[[], None]:
     """Checks every argument of cv_sgd_ and returns the update, not yet run. New momentum buffers
     are put in `momentum_buffers` here (uninitialised until the update runs)."""
     for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening),
@@ -234,6 +273,7 @@ def plan_sgd(params: TensorList, grads: TensorList, ref_grads: Optional[TensorLi
     lists = {"params": params, "grads": grads, "ref_grads": ref_grads, "anchors": anchors,
              "momentum_buffers": momentum_buffers if has_buf else None, "out_directions": out_directions}
     params, exact = _check_lists(lists)
+    _check_found(found_inf, params)
     new = [has_buf and momentum_buffers[i] is None for i in range(len(params))]
     plan = _buckets(params, backend, lists, exact, new)
     if has_buf:
@@ -245,5 +285,6 @@ def plan_sgd(params: TensorList, grads: TensorList, ref_grads: Optional[TensorLi
     for name, idx in plan:
         tensors = [_pick(lists[k], idx) for k in lists]
         first = new[idx[0]]
-        launches.append(lambda fn=_impl(name).cv_sgd_, tensors=tensors, first=first: fn(*tensors, *scalars, first))
+        launches.append(lambda fn=_impl(name).cv_sgd_, tensors=tensors, first=first:
+                        fn(*tensors, *scalars, first, found_inf))
     return _run_all(launches)
