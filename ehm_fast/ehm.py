@@ -65,9 +65,9 @@ class EHM:
         self.amp = (on_gpu and torch.cuda.is_bf16_supported()) if cfg.amp is None else bool(cfg.amp)
         self.channels_last = on_gpu if cfg.channels_last is None else bool(cfg.channels_last)
         self.rank, self.world_size = rank_and_world()
-        graph_ok = on_gpu and cfg.optimizer == "adam" and self.world_size == 1
+        graph_ok = on_gpu and self.world_size == 1
         if cfg.cuda_graph and not graph_ok:
-            why = "it needs a CUDA device" if not on_gpu else "it needs --optimizer adam on one process"
+            why = "it needs a CUDA device" if not on_gpu else "it needs one process"
             warnings.warn(f"cuda_graph is off: {why}", RuntimeWarning, stacklevel=2)
         self.cuda_graph = graph_ok if cfg.cuda_graph is None else bool(cfg.cuda_graph) and graph_ok
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -100,6 +100,12 @@ class EHM:
         self.ddp_c = wrap_phase(self.c_params) if self.world_size > 1 and self.uses_critic else None
         self.engine = StepEngine(self.device, self.world_size)
         self.graphs = IterationGraphs(self._iteration, self._state_tensors, [self.opt_g, self.opt_c])
+        # SVRG's snapshots are taken here, at iteration boundaries, with or without CUDA graphs (a
+        # replay runs no Python): one schedule, so graph and eager training are the same
+        self.schedule_by_caller = cfg.optimizer == "svrg"
+        for opt in (self.opt_g, self.opt_c):
+            if hasattr(opt, "schedule_by_caller"):
+                opt.schedule_by_caller = self.schedule_by_caller
         self.step_count = 0  # generator steps done
 
     @property
@@ -155,13 +161,33 @@ class EHM:
         (overwritten by the next step when a CUDA graph runs: .clone() what you keep).
         """
         n = self.n_critic_now()
-        real = self._take(batches, n + 1)
-        if self.cuda_graph:
-            metrics = self.graphs.run([self._prepare(b) for b in real], n)
-        else:
-            metrics = self._iteration([self._prepare(b) for b in real], n)
+        real = [self._prepare(b) for b in self._take(batches, n + 1)]
+        if self.schedule_by_caller:
+            self._refresh_due_snapshots(real, n)
+        if self.cuda_graph and self._optimizers_ready():
+            metrics = self.graphs.run(real, n)
+        else:  # STORM's first step creates its state: eager, then captured
+            metrics = self._iteration(real, n)
+        if self.schedule_by_caller:
+            self.opt_c.advance_schedule(n)
+            self.opt_g.advance_schedule(1)
         self.step_count += 1
         return metrics
+
+    def _optimizers_ready(self) -> bool:
+        """Whether every optimizer's state exists, so that a captured step finds it (Adam's is
+        created by the capture's warm-up, whose zeros are a fresh Adam's)."""
+        return all(isinstance(opt, torch.optim.Adam) or opt.ready() for opt in (self.opt_g, self.opt_c))
+
+    def _refresh_due_snapshots(self, real: list[Tensor], n: int) -> None:
+        """SVRG snapshots that the schedule asks for, taken eagerly before the iteration (a
+        snapshot due inside an iteration of several critic steps waits for the next one)."""
+        for opt, critic, ddp, x, steps in ((self.opt_c, True, self.ddp_c, real[0], n),
+                                           (self.opt_g, False, self.ddp_g, real[n], 1)):
+            if steps and opt.snapshot_due:
+                closure = self._critic_closure if critic else self._generator_closure
+                with self._trainable(critic=critic):
+                    self.engine.refresh_snapshot(opt, ddp, lambda c=closure, x=x: c(self._fresh_batch(x)))
 
     def _take(self, batches: Any, count: int) -> list[Tensor]:
         if isinstance(batches, Tensor):
@@ -468,6 +494,8 @@ class EHM:
         for name, opt in (("g", self.opt_g), ("c", self.opt_c)):
             for i, st in enumerate(opt.state.values()):
                 items += [(f"{name}{i}.{k}", v) for k, v in st.items() if isinstance(v, Tensor)]
+            if not isinstance(opt, torch.optim.Adam):  # SVRG's / STORM's values of the other player
+                items += [(f"{name}.held{i}", v) for i, v in enumerate(opt.held_reference())]
         return items + [("bad", self.bad_steps)]
 
     # ------------------------------------------------------------------ state

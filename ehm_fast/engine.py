@@ -3,8 +3,8 @@
 - `make_optimizer`: torch's fused Adam, or SVRG / STORM from `ehm_fast.optim`.
 - `StepEngine.optimize`: backward through one DDP forward per phase, then the optimizer step,
   skipping (and counting in `bad_steps`) any step whose loss or gradients are not finite: fused
-  Adam skips inside its kernel (its `found_inf`, no host sync); torch's other Adams and SVRG /
-  STORM check on the host.
+  Adam and SVRG / STORM skip inside their kernels (a `found_inf` flag, no host sync); torch's
+  other Adams check on the host.
 - `IterationGraphs`: one CUDA graph per critic-step count for a whole iteration, captured after
   warm-up iterations whose effect on the weights and optimizer state is undone.
 
@@ -42,7 +42,9 @@ def make_optimizer(
 
     SVRG / STORM replay the closure at their reference point with the buffers of `modules`
     (batch-norm running statistics) kept as a plain step leaves them; `held` are the other
-    player's weights, part of the reference point when it is joint (see ehm_fast.optim)."""
+    player's weights, part of the reference point when it is joint (see ehm_fast.optim). The
+    closures given to them draw no noise themselves (EHM draws it before), so their replays leave
+    the generators alone, as CUDA-graph capture requires."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=betas, fused=True, capturable=capturable and device.type == "cuda")
     if name not in ("svrg", "storm"):
@@ -51,8 +53,8 @@ def make_optimizer(
 
     if name == "svrg":
         return eoptim.SVRG(params, lr=lr, betas=betas, snapshot_every=snapshot_every,
-                           snapshot_batches=snapshot_batches, modules=modules, held=held)
-    return eoptim.STORM(params, lr=lr, betas=betas, modules=modules, held=held)
+                           snapshot_batches=snapshot_batches, modules=modules, held=held, replay_rng=False)
+    return eoptim.STORM(params, lr=lr, betas=betas, modules=modules, held=held, replay_rng=False)
 
 
 class PhaseModule(nn.Module):
@@ -103,8 +105,8 @@ class StepEngine:
         # SVRG / STORM re-evaluate the closure at their reference point (same batch and noise):
         # each evaluation is a DDP forward/backward, so the reference gradients are averaged over
         # ranks like the current ones and every rank keeps the same state.
-        if getattr(opt, "snapshot_due", False):
-            self._refresh_snapshot(opt, run, ddp, fresh)
+        if getattr(opt, "snapshot_due", False) and not opt.schedule_by_caller:
+            self.refresh_snapshot(opt, ddp, fresh)
         box: dict[str, Metrics] = {}
 
         def loss_closure() -> Tensor:
@@ -138,14 +140,14 @@ class StepEngine:
         return metrics
 
     @staticmethod
-    def _refresh_snapshot(opt: Any, run: Callable[[LossClosure], tuple[Tensor, Metrics]],
-                          ddp: DistributedDataParallel | None, fresh: Callable[[], LossClosure]) -> None:
+    def refresh_snapshot(opt: Any, ddp: DistributedDataParallel | None, fresh: Callable[[], LossClosure]) -> None:
         """SVRG's snapshot: the mean gradient over snapshot_batches fresh batches (the current one
         again and again without a batch source). DDP's reduction is off there: SVRG sums the local
         gradients and all-reduces the sum once."""
 
         def snapshot_closure() -> Tensor:
-            loss, _ = run(fresh())
+            fn = fresh()
+            loss, _ = fn() if ddp is None else ddp(fn)
             loss.backward()
             return loss.detach()
 

@@ -43,12 +43,21 @@ class ControlVariateOptimizer(Optimizer):
     `held` the other tensors stay at their current values during the replay.
 
     A step whose loss, gradients or control-variate terms are not finite is skipped: no parameter
-    or state changes, and `last_step_skipped` (a 0-d float tensor, maxed over ranks when
-    torch.distributed is initialised) is 1; it is 0 after an applied step.
+    or state changes, and `last_step_skipped` (a 0-d float tensor on the parameters' device,
+    maxed over ranks when torch.distributed is initialised) is 1; it is 0 after an applied
+    step. The skip happens on the device (the kernels' found_inf, step counts as device tensors), so
+    a step reads nothing back to the host and can be captured in a CUDA graph; only a parameter's
+    first step, which creates its state, checks on the host.
+
+    `replay_rng`: rewind the CPU, CUDA and `generators` states before each replay so that a
+    closure that draws noise itself sees the same draws. A closure whose noise is drawn before it
+    (as ehm_fast's EHM draws it) needs none: False, which CUDA-graph capture requires (a
+    generator's state cannot be read or set while capturing).
     """
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], modules: Iterable[nn.Module],
-                 generators: Iterable[torch.Generator], backend: Optional[str], held: Iterable[Tensor] = ()) -> None:
+                 generators: Iterable[torch.Generator], backend: Optional[str], held: Iterable[Tensor] = (),
+                 replay_rng: bool = True) -> None:
         check_hyperparameters(defaults["lr"], defaults["base"], defaults["betas"], defaults["eps"],
                               defaults["momentum"], defaults["dampening"], defaults["nesterov"],
                               defaults["weight_decay"])
@@ -57,23 +66,48 @@ class ControlVariateOptimizer(Optimizer):
         self.generators = list(generators)
         self.backend = backend
         self.held = list(held)
+        self.replay_rng = replay_rng
         own = {id(p) for p in self._params()}
         if any(id(t) in own for t in self.held):
             raise ValueError("held tensors must not be parameters of this optimizer")
         self.last_step_skipped = torch.zeros(())
 
-    def _non_finite(self, loss: Tensor, *tensor_lists: Optional[Sequence[Tensor]]) -> bool:
-        """Whether anything of the step is not finite (agreed over ranks); sets last_step_skipped."""
+    def _found_non_finite(self, loss: Tensor, *tensor_lists: Optional[Sequence[Tensor]]) -> Tensor:
+        """1 where anything of the step is not finite, else 0 (a one-element float32 tensor on the
+        device, agreed over ranks; nothing read back); sets last_step_skipped."""
         tensors = [t for ts in tensor_lists if ts for t in ts if t is not None]
-        found = (~torch.isfinite(loss.detach().float())).float().reshape(())
+        found = (~torch.isfinite(loss.detach().float())).float().reshape(1)
         if tensors:
             found = found.to(tensors[0].device)
             flags = torch._foreach_norm(tensors, ord=float("inf"))  # inf / NaN survive the max-norm
             found = torch.maximum(found, (~torch.isfinite(torch.stack([f.float() for f in flags]))).any().float())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
-        self.last_step_skipped = found
+        self.last_step_skipped = found.reshape(())
+        return found
+
+    def _state_ready(self, params: Sequence[Tensor]) -> bool:
+        """Whether every parameter has the base rule's state (else this step creates it: a host check)."""
+        where = {id(p): group for group in self.param_groups for p in group["params"]}
+        for p in params:
+            group = where[id(p)]
+            key = "momentum_buffer" if group["base"] == "sgd" else "exp_avg"
+            if (group["base"] != "sgd" or group["momentum"] != 0) and key not in self.state[p]:
+                return False
+        return True
+
+    def ready(self) -> bool:
+        """Whether a step now finds all the state it needs: it then reads nothing back to the host
+        and can be captured in a CUDA graph (the first step of a parameter creates its state)."""
+        return self._state_ready([p for p in self._params() if p.requires_grad])
+
+    def _skip_on_host(self, found: Tensor) -> bool:
+        """Reads the flag back: only for a step that creates state."""
         return bool(found.item())
+
+    def held_reference(self) -> list[Tensor]:
+        """The held tensors' reference values this optimizer keeps (updated in place)."""
+        return []
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
@@ -90,7 +124,7 @@ class ControlVariateOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}.step needs a closure that computes the loss, calls backward() "
                              "and returns the loss: it is evaluated again at the reference parameters")
         params = self._params()
-        loss, grads, rng = evaluate(closure, params, self.generators)
+        loss, grads, rng = evaluate(closure, params, self.generators if self.replay_rng else None)
         active = [(p, g) for p, g in zip(params, grads) if g is not None]
         for p, g in active:
             if g.is_sparse:
@@ -109,10 +143,11 @@ class ControlVariateOptimizer(Optimizer):
 
     def _plan_base(self, params: list[Tensor], grads: list[Tensor], ref_grads: Optional[list[Tensor]],
                    anchors: Optional[list[Tensor]], directions: Optional[list[Tensor]],
-                   alpha: float) -> tuple[list, list]:
-        """Checks and plans the base rule's update of `params` (any groups); returns (launches,
-        commits): run every launch, then every commit (which stores new state), only once all
-        groups are planned."""
+                   alpha: float, found: Optional[Tensor]) -> tuple[list, list]:
+        """Checks and plans the base rule's update of `params` (any groups), skipped on the device
+        where `found` is nonzero (None: checked on the host already); returns (launches, commits):
+        run every launch, then every commit (which stores new state), only once all groups are
+        planned."""
         where = {id(p): group for group in self.param_groups for p in group["params"]}
         launches, commits = [], []
         for group in self.param_groups:
@@ -123,19 +158,20 @@ class ControlVariateOptimizer(Optimizer):
             pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
             args = (ps, pick(grads), pick(ref_grads), pick(anchors))
             if group["base"] == "sgd":
-                launches_, commit = self._plan_sgd(group, args, pick(directions), alpha)
+                launches_, commit = self._plan_sgd(group, args, pick(directions), alpha, found)
             else:
-                launches_, commit = self._plan_adam(group, args, pick(directions), alpha)
+                launches_, commit = self._plan_adam(group, args, pick(directions), alpha, found)
             launches += launches_
             commits.append(commit)
         return launches, commits
 
-    def _plan_sgd(self, group, args, directions, alpha):
+    def _plan_sgd(self, group, args, directions, alpha, found):
         ps = args[0]
         buffers = [self.state[p].get("momentum_buffer") for p in ps]
         launch = F.plan_sgd(*args, buffers, alpha=alpha, lr=group["lr"], momentum=group["momentum"],
                             dampening=group["dampening"], nesterov=group["nesterov"],
-                            weight_decay=group["weight_decay"], out_directions=directions, backend=self.backend)
+                            weight_decay=group["weight_decay"], out_directions=directions, found_inf=found,
+                            backend=self.backend)
 
         def commit() -> None:
             if group["momentum"] != 0:
@@ -144,33 +180,35 @@ class ControlVariateOptimizer(Optimizer):
 
         return [launch], commit
 
-    def _plan_adam(self, group, args, directions, alpha):
+    def _plan_adam(self, group, args, directions, alpha, found):
         ps = args[0]
         beta1, beta2 = group["betas"]
-        steps = [int(self.state[p]["step"].item()) + 1 if "step" in self.state[p] else 1 for p in ps]
         fresh = {}
         for p in ps:
             if "exp_avg" not in self.state[p]:
                 kind = F.state_dtype(p.dtype)
-                fresh[id(p)] = (torch.zeros_like(p, dtype=kind), torch.zeros_like(p, dtype=kind))
-        moments = [fresh.get(id(p)) or (self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]) for p in ps]
-        launches = []
-        for step in sorted(set(steps)):  # one launch per distinct step count (usually one)
-            idx = [i for i, s in enumerate(steps) if s == step]
-            pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
-            launches.append(F.plan_adam(
-                *(pick(a) for a in args), [moments[i][0] for i in idx], [moments[i][1] for i in idx],
-                alpha=alpha, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled=group["base"] == "adamw",
-                out_directions=pick(directions), backend=self.backend))
+                fresh[id(p)] = (torch.zeros_like(p, dtype=kind), torch.zeros_like(p, dtype=kind),
+                                torch.zeros((), dtype=torch.float32, device=p.device))
+        state = [fresh.get(id(p)) or (self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"], self.state[p]["step"])
+                 for p in ps]
+        counts = [c for _, _, c in state]
+        update = F.plan_adam(*args, [m for m, _, _ in state], [v for _, v, _ in state], alpha=alpha, step=counts,
+                             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                             weight_decay=group["weight_decay"], decoupled=group["base"] == "adamw",
+                             out_directions=directions, found_inf=found, backend=self.backend)
+
+        def launch() -> None:  # the counts after this update, on the device: + 1, or + 0 if skipped
+            if found is None:
+                torch._foreach_add_(counts, 1.0)
+            else:
+                torch._foreach_add_(counts, [(1 - found).reshape(())] * len(counts))
+            update()
 
         def commit() -> None:
-            for p, step, (m, v) in zip(ps, steps, moments):
-                state = self.state[p]
-                state["step"] = torch.tensor(float(step))
-                state["exp_avg"], state["exp_avg_sq"] = m, v
+            for p, (m, v, count) in zip(ps, state):
+                self.state[p].update(exp_avg=m, exp_avg_sq=v, step=count)
 
-        return launches, commit
+        return [launch], commit
 
     def _control_variate_reference(self) -> tuple[list[Tensor], list[Tensor], float, list[Tensor], list[Tensor]]:
         """(parameters, their reference values, alpha, held tensors, their reference values) for
@@ -198,6 +236,8 @@ class ControlVariateOptimizer(Optimizer):
         for saved_id, p in zip(saved_ids, self._params()):
             if saved_id not in saved_state:
                 continue
-            self.state[p] = {k: v.to(device="cpu" if k == "step" else p.device, copy=True) if torch.is_tensor(v)
-                             else v for k, v in saved_state[saved_id].items()}
+            self.state[p] = {k: v.to(device=p.device, copy=True) if torch.is_tensor(v) else v
+                             for k, v in saved_state[saved_id].items()}
+            if "step" in self.state[p]:  # a step count on the device (older checkpoints kept it on the host)
+                self.state[p]["step"] = torch.as_tensor(self.state[p]["step"], dtype=torch.float32, device=p.device)
         self._load_extra_state(state_dict.get("control_variate", {}))

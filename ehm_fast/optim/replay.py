@@ -78,29 +78,32 @@ def _run(closure: Closure, params: Sequence[Tensor]) -> tuple[Tensor, list[Optio
     return loss, [p.grad for p in params]
 
 
-def evaluate(closure: Closure, params: Sequence[Tensor],
-             generators: Iterable[torch.Generator] = ()) -> tuple[Tensor, list[Optional[Tensor]], RNGState]:
-    """Runs the closure once at the current parameters: (loss, gradients, RNG state it started from).
+def evaluate(closure: Closure, params: Sequence[Tensor], generators: Optional[Iterable[torch.Generator]] = ()
+             ) -> tuple[Tensor, list[Optional[Tensor]], Optional[RNGState]]:
+    """Runs the closure once at the current parameters: (loss, gradients, RNG state it started from;
+    None with generators=None: no state is read, for closures that draw nothing themselves).
     The gradients stay in params' .grad as usual."""
-    rng = RNGState(generators)
+    rng = None if generators is None else RNGState(generators)
     loss, grads = _run(closure, params)
     return loss, grads, rng
 
 
-def evaluate_at(closure: Closure, params: Sequence[Tensor], values: Sequence[Tensor], rng: RNGState,
+def evaluate_at(closure: Closure, params: Sequence[Tensor], values: Sequence[Tensor], rng: Optional[RNGState],
                 modules: Iterable[nn.Module] = (), swap: Optional[Sequence[Tensor]] = None
                 ) -> tuple[Tensor, list[Optional[Tensor]]]:
-    """Replays the closure with the generators rewound to `rng` and `values` swapped into `swap`
-    (default: params); returns (loss, gradients of params there). params' .grad, the generators
-    and the modules' buffers are left as they were before the call."""
+    """Replays the closure with the generators rewound to `rng` (None: not touched) and `values`
+    swapped into `swap` (default: params); returns (loss, gradients of params there). params'
+    .grad, the generators and the modules' buffers are left as they were before the call."""
     swap = params if swap is None else swap
     kept_grads = [p.grad for p in params]
-    after = RNGState([g for g, _ in rng.extra])
+    after = None if rng is None else RNGState([g for g, _ in rng.extra])
     try:
         with preserved_buffers(list(modules)), swapped_parameters(swap, values):
-            rng.restore()
+            if rng is not None:
+                rng.restore()
             return _run(closure, params)
     finally:
-        after.restore()
+        if after is not None:
+            after.restore()
         for p, g in zip(params, kept_grads):
             p.grad = g

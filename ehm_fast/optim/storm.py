@@ -12,6 +12,12 @@ from ._base import ControlVariateOptimizer
 from .replay import Closure, evaluate_at
 
 
+def _copy_unless(found: Optional[Tensor], target: Tensor, source: Tensor) -> Tensor:
+    """target <- source, or unchanged where `found` (a device flag) is nonzero; returns target."""
+    with torch.no_grad():
+        return target.copy_(source if found is None else torch.where(found != 0, target, source))
+
+
 class STORM(ControlVariateOptimizer):
     """The STORM recursive-momentum estimator over a base rule (Adam, AdamW or SGD, torch.optim's semantics).
 
@@ -24,21 +30,26 @@ class STORM(ControlVariateOptimizer):
     With `held` tensors (the other player's weights in a game) w_{t-1} includes their values at
     this optimizer's previous step, so the correction g_t(w_{t-1}) is the gradient at the previous
     point of both players (the joint reference); without, the replay reads their current values.
-    Non-finite steps are skipped (`last_step_skipped`) and leave w_{t-1} and v_{t-1} as they were.
+    Non-finite steps are skipped on the device (`last_step_skipped`) and leave w_{t-1} and v_{t-1}
+    as they were; w_{t-1} and v_{t-1} are updated in place, so a captured CUDA graph keeps reading them.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, *, a: float = 0.1, base: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, momentum: float = 0.0,
                  dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
                  modules: Iterable[nn.Module] = (), generators: Iterable[torch.Generator] = (),
-                 backend: Optional[str] = None, held: Iterable[Tensor] = ()) -> None:
+                 backend: Optional[str] = None, held: Iterable[Tensor] = (), replay_rng: bool = True) -> None:
         if not 0.0 < a <= 1.0:
             raise ValueError(f"a must be in (0, 1], got {a}")
         defaults = dict(lr=lr, base=base, betas=tuple(betas), eps=eps, momentum=momentum, dampening=dampening,
                         nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, defaults, modules, generators, backend, held)
+        super().__init__(params, defaults, modules, generators, backend, held, replay_rng)
         self.a = a
         self._held_previous: Optional[list[Tensor]] = None
+
+    def _state_ready(self, params) -> bool:
+        joint_known = not self.held or self._held_previous is not None
+        return joint_known and all("previous" in self.state[p] for p in params) and super()._state_ready(params)
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Tensor:
@@ -53,8 +64,11 @@ class STORM(ControlVariateOptimizer):
             self._check_reference(known, ref)
             ref_by_id = {id(p): g for p, g in zip(known, ref)}
         old_directions = [self.state[p]["direction"] for p in known if id(p) in ref_by_id]
-        if self._non_finite(loss, grads, list(ref_by_id.values()), old_directions) or not params:
+        found = self._found_non_finite(loss, grads, list(ref_by_id.values()), old_directions)
+        ready = self._state_ready(params)
+        if not params or (not ready and self._skip_on_host(found)):
             return loss
+        on_device = found if ready else None  # else checked on the host: nothing to skip
         directions = [self.state[p].get("direction") for p in params]
         directions = [torch.empty_like(p, dtype=F.state_dtype(p.dtype)) if d is None else d
                       for p, d in zip(params, directions)]
@@ -68,20 +82,23 @@ class STORM(ControlVariateOptimizer):
             ps = pick(params)
             launch, commit = self._plan_base(
                 ps, pick(grads), [ref_by_id[id(p)] for p in ps] if cv else None, pick(directions) if cv else None,
-                pick(directions), alpha=alpha if cv else 0.0)
+                pick(directions), alpha=alpha if cv else 0.0, found=on_device)
             launches += launch
             commits += commit
-        # every check has passed: w_{t-1} <- w_t, then the update
+        # every check has passed: w_{t-1} <- w_t (unless skipped), then the update
         previous = [self.state[p].get("previous") for p in params]
-        previous = [p.detach().clone() if w is None else w.copy_(p) for p, w in zip(params, previous)]
+        previous = [p.detach().clone() if w is None else _copy_unless(on_device, w, p) for p, w in zip(params, previous)]
         for run in launches + commits:
             run()
         for p, w, d in zip(params, previous, directions):
             self.state[p]["previous"], self.state[p]["direction"] = w, d
         if self.held:
-            self._held_previous = [t.detach().clone() if w is None else w.copy_(t)
+            self._held_previous = [t.detach().clone() if w is None else _copy_unless(on_device, w, t)
                                    for t, w in zip(self.held, self._held_previous or [None] * len(self.held))]
         return loss
+
+    def held_reference(self) -> list[Tensor]:
+        return list(self._held_previous or [])
 
     def _extra_state(self) -> dict[str, Any]:
         return {"held_previous": self._held_previous}

@@ -26,14 +26,17 @@ class SVRG(ControlVariateOptimizer):
     and g_snap and mu_snap are both taken at the joint snapshot, so v is an unbiased estimate of the
     gradient at the current point of both (SVRE's estimator); without, the replay reads the held
     tensors' current values while mu_snap was computed at their old ones. Non-finite steps are
-    skipped (`last_step_skipped`).
+    skipped on the device (`last_step_skipped`).
 
     The snapshot is refreshed by `refresh_snapshot(closure)`, which averages the gradient over
     `snapshot_batches` calls of `closure` (each should draw its own batch) and all-reduces it when
     torch.distributed is initialised. It is due every `snapshot_every` steps ("periodic") or after
     each step with probability 1 / snapshot_every ("random", the loopless SVRG). Given
     `snapshot_closure`, step() refreshes by itself when due (and before the first step);
-    otherwise call refresh_snapshot when `snapshot_due` says so.
+    otherwise call refresh_snapshot when `snapshot_due` says so. With `schedule_by_caller` set
+    (the trainer's CUDA graphs, whose replays run no Python) step() neither refreshes nor counts:
+    the caller refreshes when due and calls `advance_schedule(steps)` after the steps ran.
+    Refreshes write into the same snapshot tensors, so a captured step reads the new ones.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, *, base: str = "adam",
@@ -42,7 +45,7 @@ class SVRG(ControlVariateOptimizer):
                  snapshot_every: int = 100, snapshot_policy: str = "periodic", snapshot_batches: int = 16,
                  snapshot_closure: Optional[Closure] = None, modules: Iterable[nn.Module] = (),
                  generators: Iterable[torch.Generator] = (), seed: Optional[int] = None,
-                 backend: Optional[str] = None, held: Iterable[Tensor] = ()) -> None:
+                 backend: Optional[str] = None, held: Iterable[Tensor] = (), replay_rng: bool = True) -> None:
         if not isinstance(snapshot_every, int) or snapshot_every < 1:
             raise ValueError(f"snapshot_every must be an int >= 1, got {snapshot_every!r}")
         if snapshot_policy not in POLICIES:
@@ -51,7 +54,8 @@ class SVRG(ControlVariateOptimizer):
             raise ValueError(f"snapshot_batches must be an int >= 1, got {snapshot_batches!r}")
         defaults = dict(lr=lr, base=base, betas=tuple(betas), eps=eps, momentum=momentum, dampening=dampening,
                         nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, defaults, modules, generators, backend, held)
+        super().__init__(params, defaults, modules, generators, backend, held, replay_rng)
+        self.schedule_by_caller = False
         self.snapshot_every = snapshot_every
         self.snapshot_policy = snapshot_policy
         self.snapshot_batches = snapshot_batches
@@ -108,15 +112,23 @@ class SVRG(ControlVariateOptimizer):
                 torch.distributed.all_reduce(s)
             count *= torch.distributed.get_world_size()
         for p, s in zip(params, sums):
-            self.state[p]["snapshot"] = p.detach().clone()
-            self.state[p]["snapshot_mean"] = s.div_(count)
-        self._held_snapshot = [t.detach().clone() for t in self.held]
+            state = self.state[p]
+            if "snapshot" in state:  # in place: a captured CUDA graph reads these tensors
+                state["snapshot"].copy_(p.detach())
+                state["snapshot_mean"].copy_(s.div_(count))
+            else:
+                state["snapshot"], state["snapshot_mean"] = p.detach().clone(), s.div_(count)
+        if self._held_snapshot is None:
+            self._held_snapshot = [t.detach().clone() for t in self.held]
+        else:
+            for w, t in zip(self._held_snapshot, self.held):
+                w.copy_(t.detach())
         self._steps_since_snapshot = 0
         self._due = False
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Tensor:
-        if self.snapshot_closure is not None and self.snapshot_due:
+        if self.snapshot_closure is not None and self.snapshot_due and not self.schedule_by_caller:
             self.refresh_snapshot(self.snapshot_closure)
         if not self.has_snapshot:
             raise RuntimeError("SVRG has no snapshot for some parameters: call refresh_snapshot(closure) before the "
@@ -128,19 +140,25 @@ class SVRG(ControlVariateOptimizer):
             _, ref_grads = evaluate_at(closure, params, snapshots, rng, self.modules, swap=params + self.held)
             self._check_reference(params, ref_grads)
             anchors = [self.state[p]["snapshot_mean"] for p in params]
-        if not self._non_finite(loss, grads, ref_grads, anchors) and params:
-            launches, commits = self._plan_base(params, grads, ref_grads, anchors, None, alpha=1.0)
+        found = self._found_non_finite(loss, grads, ref_grads, anchors)
+        ready = self._state_ready(params)
+        if params and (ready or not self._skip_on_host(found)):
+            launches, commits = self._plan_base(params, grads, ref_grads, anchors, None, alpha=1.0,
+                                                found=found if ready else None)
             for run in launches + commits:
                 run()
-        self._advance_schedule()  # a skipped step counts too: a non-finite snapshot gets replaced
+        if not self.schedule_by_caller:
+            self.advance_schedule(1)  # a skipped step counts too: a non-finite snapshot gets replaced
         return loss
 
-    def _advance_schedule(self) -> None:
-        self._steps_since_snapshot += 1
-        if self.snapshot_policy == "periodic":
-            self._due = self._steps_since_snapshot >= self.snapshot_every
-        else:
-            self._due = self._due or bool(torch.rand((), generator=self._coin) < 1.0 / self.snapshot_every)
+    def advance_schedule(self, steps: int) -> None:
+        """Counts `steps` steps towards the next snapshot (step() does it unless schedule_by_caller)."""
+        for _ in range(steps):
+            self._steps_since_snapshot += 1
+            if self.snapshot_policy == "periodic":
+                self._due = self._steps_since_snapshot >= self.snapshot_every
+            else:
+                self._due = self._due or bool(torch.rand((), generator=self._coin) < 1.0 / self.snapshot_every)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"steps_since_snapshot": self._steps_since_snapshot, "due": self._due,
@@ -154,6 +172,12 @@ class SVRG(ControlVariateOptimizer):
             held = extra.get("held_snapshot")
             self._held_snapshot = None if held is None else [
                 v.to(t.device, t.dtype, copy=True) for v, t in zip(held, self.held)]
+
+    def held_reference(self) -> list[Tensor]:
+        return list(self._held_snapshot or [])
+
+    def ready(self) -> bool:
+        return self.has_snapshot and super().ready()
 
     def _control_variate_reference(self) -> tuple[list[Tensor], list[Tensor], float, list[Tensor], list[Tensor]]:
         params = [p for p in self._params() if "snapshot" in self.state[p]]
