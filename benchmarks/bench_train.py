@@ -228,8 +228,13 @@ ROWS: list[tuple[str, str, dict]] = [
     ("4 ehm_fast -bf16", "ehm", {"amp": False}),
     ("4 ehm_fast -channels_last", "ehm", {"channels_last": False}),
     ("5 ehm_fast weight clipping", "ehm", {"lipschitz": "clip"}),
+    # an extra gradient evaluation per step is their inherent cost: targets >= 1/2.2 (SVRG) and
+    # >= 1/2 (STORM) of row 3's images/s, printed as "vs row 3"; SVRG's snapshot passes (every
+    # snapshot_every = 100 steps) fall outside a 20-iteration window
     ("5 ehm_fast svrg", "ehm", {"optimizer": "svrg"}),
     ("5 ehm_fast storm", "ehm", {"optimizer": "storm"}),
+    ("5 ehm_fast svrg -cuda graph", "ehm", {"optimizer": "svrg", "cuda_graph": False}),
+    ("5 ehm_fast storm -cuda graph", "ehm", {"optimizer": "storm", "cuda_graph": False}),
     # not yet a default: the 3-channel convolutions as im2col + matmul (same sums), untimed so far
     ("6 ehm_fast +matmul image layers", "ehm", {"image_layers": "matmul"}),
     # not yet in "all": the penalty's gradient by explicit first-order passes, untimed so far
@@ -240,7 +245,10 @@ ROWS: list[tuple[str, str, dict]] = [
 
 
 # rows that switch off what is already off on the CPU (the trainer's defaults there): equal to row 3
-GPU_ONLY_ROWS = ("4 ehm_fast -cuda graph", "4 ehm_fast -bf16", "4 ehm_fast -channels_last")
+# (the "5 ... -cuda graph" rows: to their row 5)
+GPU_ONLY_ROWS = ("4 ehm_fast -cuda graph", "4 ehm_fast -bf16", "4 ehm_fast -channels_last",
+                 "5 ehm_fast svrg -cuda graph", "5 ehm_fast storm -cuda graph")
+VR_TARGETS = {"5 ehm_fast svrg": 1 / 2.2, "5 ehm_fast storm": 1 / 2}  # of row 3's images/s
 
 
 def row_label(name: str, device: torch.device) -> str:
@@ -305,9 +313,14 @@ def main(argv: list[str] | None = None) -> None:
             own = None if kind == "plain" else (lambda kwargs=kwargs: own_flops(kwargs, device, batch, width))
             group.append(measure(name, make, device, batch, iters, peak, flops, own))
         base = next((r.get("images_s") for r in group if r["row"].startswith("2 ")), None)
+        default = next((r.get("images_s") for r in group if r["row"] == "3 ehm_fast"), None)
         for r in group:
             if base and "images_s" in r:
                 r["x_plus"] = r["images_s"] / base
+            if default and "images_s" in r and r["row"] in VR_TARGETS:
+                r["vs_row3"], r["vs_row3_target"] = r["images_s"] / default, VR_TARGETS[r["row"]]
+                print(f"batch {batch}: {r['row']} at {r['vs_row3']:.2f} of row 3's images/s "
+                      f"(target >= {r['vs_row3_target']:.2f})", flush=True)
         rows += group
         if not args.no_save:  # after every batch size, so a run cut short still leaves its results
             write_results("train", device, [head] + rows, table(rows))

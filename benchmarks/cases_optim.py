@@ -79,12 +79,18 @@ def _case(name: str, shapes, device: torch.device, quick: bool, with_cv: bool) -
     nbytes = lists * 4 * n
     alpha = 1.0 if with_cv else 0.0
     impls = {}
+    # what SVRG/STORM run: step counts and the skip flag read on the device (no host sync)
+    counts = [torch.full((), float(HYPER["step"]), device=device) for _ in params]
+    found = torch.zeros(1, device=device)
+    device_step = {**HYPER, "step": counts}
     for backend in _ehm_backends(device, quick):
         impls[f"ehm:{backend}"] = (lambda backward, b=backend: F.cv_adam_(
             params, grads, ref, anchors, m, v, alpha=alpha, backend=b, **HYPER))
+        impls[f"ehm:{backend} device step"] = (lambda backward, b=backend: F.cv_adam_(
+            params, grads, ref, anchors, m, v, alpha=alpha, found_inf=found, backend=b, **device_step))
     impls["for-loop"] = lambda backward: reference.cv_adam_(
         params, grads, ref or [], anchors or [], m, v, [], alpha, HYPER["step"], HYPER["lr"], HYPER["beta1"],
-        HYPER["beta2"], HYPER["eps"], HYPER["weight_decay"], HYPER["decoupled"])
+        HYPER["beta2"], HYPER["eps"], HYPER["weight_decay"], HYPER["decoupled"], [], None)
     impls["foreach"] = lambda backward: _foreach_adam(params, grads, ref, anchors, m, v)
     if not with_cv and device.type == "cuda":
         leaves = [torch.nn.Parameter(p.clone()) for p in params]

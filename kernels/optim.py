@@ -26,7 +26,8 @@ from ehm_fast.ops.contract import acc_dtype
 
 from ._dtypes import TL_TYPES, tl_acc
 
-CHUNK = 1 << 16  # elements per program, as csrc/optim.h's kOptimChunk
+CHUNK = 1 << 16  # elements per work-list entry, as csrc/optim.h's kOptimChunk
+SUB = 1 << 12  # elements per program: a chunk is split over CHUNK // SUB programs (grid axis 1)
 BLOCK = 1024
 LISTS = 8  # param, grad, ref_grad, anchor, state1, state2, direction, step count
 
@@ -48,14 +49,18 @@ def _scalar(TABLE, k, ACC: tl.constexpr):
 
 
 @triton.jit
-def _locate(TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr,
-            HAS_FOUND: tl.constexpr):
-    """This program's chunk [begin, end) (empty where found_inf is set), its tensor's index and
-    the 7 typed pointers of that tensor (param, grad, ref_grad, anchor, state1, state2, direction)."""
+def _locate(TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, SPLIT: tl.constexpr, P_TY: tl.constexpr,
+            ACC: tl.constexpr, HAS_FOUND: tl.constexpr):
+    """This program's range [begin, end) (its SUB-slice of a chunk, empty where found_inf is set),
+    its tensor's index and the 7 typed pointers of that tensor (param, grad, ref_grad, anchor,
+    state1, state2, direction). Many small programs, not one per chunk: enough of them in flight
+    to keep the memory system busy."""
     pid = tl.program_id(0).to(tl.int64)
     t = tl.load(WORK_T + pid)
-    begin = tl.load(WORK_S + pid)
-    end = tl.minimum(tl.load(SIZES + t), begin + CHUNK)
+    chunk_begin = tl.load(WORK_S + pid)
+    begin = chunk_begin + tl.program_id(1).to(tl.int64) * (CHUNK // SPLIT)
+    end = tl.minimum(tl.minimum(tl.load(SIZES + t), chunk_begin + CHUNK), begin + CHUNK // SPLIT)
+    begin = tl.minimum(begin, end)
     if HAS_FOUND:
         end = tl.where(tl.load(FOUND) != 0, begin, end)
     return (begin, end, t, _ptr(TABLE, 0, t, n, P_TY), _ptr(TABLE, 1, t, n, P_TY), _ptr(TABLE, 2, t, n, P_TY),
@@ -115,12 +120,13 @@ def _load_block(P, G, GR, AN, D, off, end, alpha, HAS_CV: tl.constexpr, HAS_DIR:
 
 
 @triton.jit
-def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, F64: tl.constexpr,
+def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+                    F64: tl.constexpr,
                     BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
                     HAS_DIR: tl.constexpr, DECOUPLED: tl.constexpr, HAS_WD: tl.constexpr, HAS_FOUND: tl.constexpr,
                     DEVICE_STEP: tl.constexpr, BLOCK: tl.constexpr):
     begin, end, t, p_ptr, g_ptr, gr_ptr, an_ptr, m_ptr, v_ptr, d_ptr = _locate(
-        TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK, P_TY, ACC, HAS_FOUND)
+        TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK, SPLIT, P_TY, ACC, HAS_FOUND)
     alpha = _scalar(SCALARS, 0, ACC)
     w1 = _scalar(SCALARS, 1, ACC)  # 1 - beta1
     beta2 = _scalar(SCALARS, 2, ACC)
@@ -155,12 +161,13 @@ def _cv_adam_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.c
 
 
 @triton.jit
-def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, F64: tl.constexpr,
+def _cv_sgd_kernel(TABLE, SCALARS, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+                   F64: tl.constexpr,
                    BF16: tl.constexpr, P_TY: tl.constexpr, ACC: tl.constexpr, HAS_CV: tl.constexpr,
                    HAS_DIR: tl.constexpr, HAS_BUF: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
                    HAS_WD: tl.constexpr, HAS_FOUND: tl.constexpr, BLOCK: tl.constexpr):
     begin, end, _, p_ptr, g_ptr, gr_ptr, an_ptr, b_ptr, _, d_ptr = _locate(
-        TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK, P_TY, ACC, HAS_FOUND)
+        TABLE, SIZES, WORK_T, WORK_S, FOUND, n, CHUNK, SPLIT, P_TY, ACC, HAS_FOUND)
     alpha = _scalar(SCALARS, 0, ACC)
     neg_lr = _scalar(SCALARS, 1, ACC)
     mom = _scalar(SCALARS, 2, ACC)
@@ -217,8 +224,9 @@ def _launch(kernel, lists: list[list[torch.Tensor]], scalars: list[float], found
     table = _device_table(host, params[0].device)
     scal, ptrs, sizes_d, work_t_d, work_s_d = table.split([len(scalars), LISTS * n, n, len(work_t), len(work_s)])
     f64 = params[0].dtype == torch.float64
-    kernel[(len(work_t),)](ptrs, scal, sizes_d, work_t_d, work_s_d, scal if found_inf is None else found_inf, n,
-                           CHUNK=CHUNK, F64=f64, BF16=params[0].dtype == torch.bfloat16,
+    kernel[(len(work_t), CHUNK // SUB)](ptrs, scal, sizes_d, work_t_d, work_s_d,
+                                        scal if found_inf is None else found_inf, n, CHUNK=CHUNK, SPLIT=CHUNK // SUB,
+                                        F64=f64, BF16=params[0].dtype == torch.bfloat16,
                            P_TY=TL_TYPES[params[0].dtype], ACC=tl_acc(params[0].dtype), BLOCK=BLOCK,
                            HAS_FOUND=found_inf is not None, **constexprs)
 

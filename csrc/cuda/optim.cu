@@ -12,6 +12,10 @@ namespace ehm::cuda {
 namespace {
 
 constexpr int kThreads = 512;
+// Elements per block: each chunk of a table is split over kSplit blocks (grid axis y), so that a
+// bucket of ~10 M elements runs ~1,300 blocks, not ~160 (too few in flight to reach the bandwidth).
+constexpr int64_t kSub = 1 << 13;
+constexpr int kSplit = static_cast<int>(kOptimChunk / kSub);
 constexpr int kMaxTensors = 24;
 constexpr int kMaxBlocks = 320;
 
@@ -44,8 +48,9 @@ template <typename T>
 __device__ __forceinline__ Chunk<T> chunk_of(const Table& tab) {
   using A = acc_t<T>;
   const int t = tab.tensor[blockIdx.x];
-  const int64_t begin = int64_t(tab.chunk[blockIdx.x]) * kOptimChunk;
-  const int64_t end = min(tab.size[t], begin + kOptimChunk);
+  const int64_t chunk_begin = int64_t(tab.chunk[blockIdx.x]) * kOptimChunk;
+  const int64_t end = min(min(tab.size[t], chunk_begin + kOptimChunk), chunk_begin + (blockIdx.y + 1) * kSub);
+  const int64_t begin = min(chunk_begin + blockIdx.y * kSub, end);
   Chunk<T> c;
   c.p = static_cast<T*>(tab.ptr[kParam][t]);
   c.g = static_cast<const T*>(tab.ptr[kGrad][t]);
@@ -162,7 +167,7 @@ void cv_adam(DType dtype, const TensorLists& lists, const AdamScalars& s, void* 
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     for_each_table(lists, [&](const Table& tab, int blocks) {
-      adam_kernel<T><<<blocks, kThreads, 0, st>>>(tab, s, f);
+      adam_kernel<T><<<dim3(blocks, kSplit), kThreads, 0, st>>>(tab, s, f);
     });
   });
 }
@@ -174,7 +179,7 @@ void cv_sgd(DType dtype, const TensorLists& lists, const SgdScalars& s, void* st
   dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     for_each_table(lists, [&](const Table& tab, int blocks) {
-      sgd_kernel<T><<<blocks, kThreads, 0, st>>>(tab, s, f);
+      sgd_kernel<T><<<dim3(blocks, kSplit), kThreads, 0, st>>>(tab, s, f);
     });
   });
 }
