@@ -83,8 +83,8 @@ class EHMConfig:
                        "cuda, triton", ("auto", "torch", "cpu", "cuda", "triton"))
     amp: bool | None = opt(None, "bf16 autocast (default: on on a GPU with bf16, off on the CPU)")
     channels_last: bool | None = opt(None, "channels_last memory format (default: on on a GPU)")
-    cuda_graph: bool | None = opt(None, "capture each iteration in a CUDA graph (default: on on a GPU when the "
-                                  "optimizer can skip a non-finite step on the device)")
+    cuda_graph: bool | None = opt(None, "capture each iteration in a CUDA graph (default: on on a GPU with one "
+                                  "process)")
     image_layers: str = opt("cudnn", "the layers that read and write images (3 channels): cudnn convolutions, or "
                             "matmul (im2col + one matmul: the same sums)", IMAGE_LAYERS)
     compile: bool = opt(False, "compile the critic and generator loss closures with torch.compile (Inductor); with "
