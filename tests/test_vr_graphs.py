@@ -98,3 +98,21 @@ def test_graph_iterations_equal_eager_iterations(optimizer):
         runs[graph] = [p.detach().clone() for p in ehm.models.parameters()]
     for a, b in zip(runs[False], runs[True]):
         assert (a - b).abs().max() <= 1e-4 * a.abs().max().clamp_min(1e-3)
+
+
+@pytest.mark.parametrize("objective", ["ehm", "svae", "wgan-gp"])
+def test_ehm_closures_draw_nothing_themselves(objective):
+    """Why EHM's SVRG/STORM replays need no RNG rewind (replay_rng=False): a phase's closure draws
+    its noise when it is built, so evaluating it twice gives the same loss and gradients."""
+    ehm = EHM(tiny_models(), n_critic=1, optimizer="storm", objective=objective)
+    x = ehm._prepare(real_batches(1, seed=6)[0])
+    for critic, make, params in ((True, ehm._critic_closure, ehm.c_params),
+                                 (False, ehm._generator_closure, ehm.g_params)):
+        closure = make(x)
+        with ehm._trainable(critic=critic):
+            runs = []
+            for _ in range(2):
+                loss, _ = closure()
+                runs.append([loss.detach(), *torch.autograd.grad(loss, params, allow_unused=True)])
+        for a, b in zip(*runs):
+            assert (a is None and b is None) or torch.equal(a, b), critic
