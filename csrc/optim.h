@@ -19,7 +19,8 @@
 
 namespace ehm {
 
-// Elements per chunk: the unit of parallel work for every backend (kernels/optim.py uses the same).
+// Elements per chunk: the unit of the work lists of every backend (kernels/optim.py uses the same;
+// the GPU kernels split each chunk over several blocks).
 constexpr int64_t kOptimChunk = 1 << 16;
 
 struct TensorLists {

@@ -12,32 +12,35 @@ from ehm_fast.nn import LEVERS, WeightCache, parse_levers
 
 
 def _step_and_gradients(levers: str, norm: str, seed: int, share_weights: bool = False):
-    """The critic's and the generator's gradients at the initial weights, the first critic loss, the
-    batch-norm buffers after them, then the losses of two iterations."""
+    """The critic's and the generator's gradients at the initial weights, the batch-norm buffers
+    after them, then the losses of two iterations."""
     torch.manual_seed(seed)
     models = EHMModels(image_size=32, channels=3, z_dim=8, width=8, norm=norm, share_weights=share_weights)
-    step = EHM(models, EHMConfig(lipschitz="gp", estimator="importance", n_critic=1, layer_levers=levers))
+    # The Jensen bound, not the importance estimate: its weights exp(f - log p(x|z)) turn float32
+    # rounding of log p (thousands of nats over 3,072 pixels) into gradient differences up to
+    # eps |log p| relative, too coarse to tell a lever's error from rounding (the estimators have
+    # their own float64 tests)
+    step = EHM(models, EHMConfig(lipschitz="gp", estimator="jensen", n_critic=1, layer_levers=levers))
     x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
     torch.manual_seed(seed + 1)
-    grads, first_losses = {}, {}
+    grads = {}
     for name, closure, params, critic in (("critic", step._critic_closure(x), step.c_params, True),
                                           ("generator", step._generator_closure(x), step.g_params, False)):
         with step._trainable(critic=critic):
-            total, first_losses[name] = closure()
-            total.backward()
+            closure()[0].backward()
             grads[name] = [None if p.grad is None else p.grad.clone() for p in params]
             for p in params:
                 p.grad = None
     buffers = [b.clone() for b in models.buffers()]
     losses = [{k: float(v) for k, v in step.step(x).items()} for _ in range(2)]
-    return losses, grads, buffers, float(first_losses["critic"]["critic_loss"])
+    return losses, grads, buffers
 
 
 # Losses of the first iteration computed before any update reaches them; the rest follow an Adam
 # step, whose first update is lr * sign(g): gradients equal to rounding but exactly zero in exact
-# arithmetic (the critic head's bias under the importance estimate, biases before a norm) take
+# arithmetic (biases before a norm) take
 # either sign, and the sleep loss weighs f by critic_weight = 100
-BEFORE_ANY_UPDATE = ("critic_loss", "critic_gap", "gp", "ess", "wake_loss", "rec_nll", "rec_mse")
+BEFORE_ANY_UPDATE = ("critic_loss", "critic_gap", "gp", "wake_loss", "rec_nll", "rec_mse")
 
 
 def _assert_losses_agree(losses, ref_losses):
@@ -47,30 +50,20 @@ def _assert_losses_agree(losses, ref_losses):
             assert a[key] == pytest.approx(b[key], rel=rel, abs=1e-6), (it, key)
 
 
-def _cancellation(phase: str, grads: list, index: int, critic_loss: float) -> float:
-    """The critic head's bias gradient (the last of EHM.c_params), -1 + sum_i w_i, cancels to 0 in
-    exact arithmetic; float32 rounds log Z_hat (about the critic loss in size: log p(x|z) of
-    thousands of pixels) to eps of itself, and the weights exp(s_i - log Z_hat) sum to 1 only
-    within that."""
-    head_bias = phase == "critic" and index == len(grads) - 1 and grads[index].shape == (1,)
-    return 4 * torch.finfo(torch.float32).eps * abs(critic_loss) if head_bias else 0.0
-
-
 @pytest.mark.parametrize("norm", ["batch", "layer"])
 @pytest.mark.parametrize("levers", ["all", *LEVERS])
 def test_training_step_with_each_lever_equals_plain_layers(levers, norm):
     seed = torch.initial_seed() % 2**31
     print(f"seed {seed}")
-    ref_losses, ref_grads, ref_buffers, critic_loss = _step_and_gradients("none", norm, seed)
-    losses, grads, buffers, _ = _step_and_gradients(levers, norm, seed)
+    ref_losses, ref_grads, ref_buffers = _step_and_gradients("none", norm, seed)
+    losses, grads, buffers = _step_and_gradients(levers, norm, seed)
     _assert_losses_agree(losses, ref_losses)
     for phase in ref_grads:
         scale = max(g.abs().max().item() for g in ref_grads[phase] if g is not None)
         for i, (a, b) in enumerate(zip(grads[phase], ref_grads[phase])):
             assert (a is None) == (b is None), (phase, i)
             if b is not None:  # float32 rounding of the largest gradient of the phase
-                tol = 1e-5 * scale + _cancellation(phase, ref_grads[phase], i, critic_loss)
-                assert (a - b).abs().max().item() <= tol, (phase, i)
+                assert (a - b).abs().max().item() <= 1e-5 * scale, (phase, i)
     for a, b in zip(buffers, ref_buffers):  # batch-norm running statistics and counts
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
