@@ -33,10 +33,15 @@ def _param_in(p: Tensor, dtype: torch.dtype) -> Tensor:
     return p.detach().to(dtype, copy=True)
 
 
+def copy_unless(found_inf: Tensor | None, target: Tensor, new: Tensor) -> Tensor:
+    """target <- new, or unchanged where found_inf (a device flag) is nonzero; returns target."""
+    with torch.no_grad():
+        return target.copy_(new if found_inf is None else torch.where(found_inf != 0, target, new.to(target.dtype)))
+
+
 def _commit(found_inf: Tensor | None, pairs: list[tuple[Tensor, Tensor]]) -> None:
-    """target <- new for every (target, new) pair, or nothing where found_inf is nonzero."""
     for target, new in pairs:
-        target.copy_(new if found_inf is None else torch.where(found_inf != 0, target, new.to(target.dtype)))
+        copy_unless(found_inf, target, new)
 
 
 def _bias_corrections(beta1: float, beta2: float, step: int, count: Tensor | None,

@@ -9,13 +9,8 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._base import ControlVariateOptimizer
+from .reference import copy_unless
 from .replay import Closure, evaluate_at
-
-
-def _copy_unless(found: Optional[Tensor], target: Tensor, source: Tensor) -> Tensor:
-    """target <- source, or unchanged where `found` (a device flag) is nonzero; returns target."""
-    with torch.no_grad():
-        return target.copy_(source if found is None else torch.where(found != 0, target, source))
 
 
 class STORM(ControlVariateOptimizer):
@@ -87,13 +82,13 @@ class STORM(ControlVariateOptimizer):
             commits += commit
         # every check has passed: w_{t-1} <- w_t (unless skipped), then the update
         previous = [self.state[p].get("previous") for p in params]
-        previous = [p.detach().clone() if w is None else _copy_unless(on_device, w, p) for p, w in zip(params, previous)]
+        previous = [p.detach().clone() if w is None else copy_unless(on_device, w, p) for p, w in zip(params, previous)]
         for run in launches + commits:
             run()
         for p, w, d in zip(params, previous, directions):
             self.state[p]["previous"], self.state[p]["direction"] = w, d
         if self.held:
-            self._held_previous = [t.detach().clone() if w is None else _copy_unless(on_device, w, t)
+            self._held_previous = [t.detach().clone() if w is None else copy_unless(on_device, w, t)
                                    for t, w in zip(self.held, self._held_previous or [None] * len(self.held))]
         return loss
 
